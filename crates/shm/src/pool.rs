@@ -281,7 +281,9 @@ impl PoolLayout {
         let offset = handle.offset;
         for (class, c) in self.classes.iter().enumerate() {
             let rel = offset.wrapping_sub(c.base);
-            if offset < c.base || rel >= c.slab_size * c.count {
+            // Saturating: a layout built by hand (not from a validated header)
+            // may hold absurd sizes; that must not overflow.
+            if offset < c.base || rel >= c.slab_size.saturating_mul(c.count) {
                 continue;
             }
             if rel % c.slab_size != 0 {
@@ -310,7 +312,7 @@ impl PoolLayout {
     pub fn end(&self) -> u64 {
         self.classes
             .iter()
-            .map(|c| c.base + c.slab_size * c.count)
+            .map(|c| c.base.saturating_add(c.slab_size.saturating_mul(c.count)))
             .max()
             .unwrap_or(0)
     }

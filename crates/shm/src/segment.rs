@@ -72,6 +72,9 @@ pub const HEADER_LEN: u64 = 4096;
 /// Largest segment this build opens: bounds what a peer can make us map.
 pub const MAX_SEGMENT_LEN: u64 = 16 << 30;
 
+/// Bytes a word region takes: a cache-line pair, so nothing shares its line.
+const WORD_REGION_LEN: u64 = 128;
+
 /// Words of the fixed part of the header.
 const FIXED_WORDS: usize = 4;
 /// Words per region entry.
@@ -93,6 +96,9 @@ pub enum RegionKind {
     Doorbell,
     /// One size class of a payload pool.
     PoolClass,
+    /// A single 64-bit word on its own cache-line pair (flags, counters, the
+    /// benchmark floor).
+    Word,
 }
 
 impl RegionKind {
@@ -101,6 +107,7 @@ impl RegionKind {
             RegionKind::Ring => 1,
             RegionKind::Doorbell => 2,
             RegionKind::PoolClass => 3,
+            RegionKind::Word => 4,
         }
     }
 
@@ -109,6 +116,7 @@ impl RegionKind {
             1 => Some(RegionKind::Ring),
             2 => Some(RegionKind::Doorbell),
             3 => Some(RegionKind::PoolClass),
+            4 => Some(RegionKind::Word),
             _ => None,
         }
     }
@@ -118,6 +126,7 @@ impl RegionKind {
             RegionKind::Ring => 128,
             RegionKind::Doorbell => 64,
             RegionKind::PoolClass => 4096,
+            RegionKind::Word => 128,
         }
     }
 }
@@ -148,6 +157,7 @@ impl Region {
             }
             RegionKind::Doorbell => doorbell::REGION_LEN as u64,
             RegionKind::PoolClass => self.param_a * self.param_b,
+            RegionKind::Word => WORD_REGION_LEN,
         }
     }
 }
@@ -176,6 +186,26 @@ pub enum HeaderError {
         header: u64,
         /// The length `fstat` reports.
         actual: u64,
+    },
+    /// A word or field the format reserves is not zero.
+    #[error("header word {index} has reserved bits set: {value:#x}")]
+    ReservedNotZero {
+        /// Index of the header word.
+        index: usize,
+        /// Its value.
+        value: u64,
+    },
+    /// A region whose kind takes no parameters has some.
+    #[error("region {index} ({kind:?}) takes no parameters, has {param_a} and {param_b}")]
+    UnexpectedParams {
+        /// Index in the table.
+        index: usize,
+        /// Its kind.
+        kind: RegionKind,
+        /// First parameter.
+        param_a: u64,
+        /// Second parameter.
+        param_b: u64,
     },
     /// More regions than the table holds.
     #[error("{count} regions, at most {max}")]
@@ -390,6 +420,12 @@ impl SegmentBuilder {
         self
     }
 
+    /// Adds a shared 64-bit word under `tag`, on its own cache-line pair.
+    pub fn word(&mut self, tag: u32) -> &mut Self {
+        self.push(RegionKind::Word, tag, 0, 0);
+        self
+    }
+
     /// Adds a payload pool's size classes under `tag`.
     pub fn pool(&mut self, tag: u32, config: &PoolConfig) -> &mut Self {
         for c in config.classes() {
@@ -500,6 +536,12 @@ pub fn parse_header(
             actual: actual_len,
         });
     }
+    if words[3] >> 32 != 0 {
+        return Err(HeaderError::ReservedNotZero {
+            index: 3,
+            value: words[3],
+        });
+    }
     let id = words[3] as u32;
     let mut regions = Vec::with_capacity(count as usize);
     for index in 0..count as usize {
@@ -536,7 +578,16 @@ pub fn parse_header(
                 .map_err(|source| HeaderError::BadRing { index, source })?,
             RegionKind::PoolClass => pool::check_class(region.param_a, region.param_b)
                 .map_err(|source| HeaderError::BadPoolClass { index, source })?,
-            RegionKind::Doorbell => {}
+            RegionKind::Doorbell | RegionKind::Word => {
+                if region.param_a != 0 || region.param_b != 0 {
+                    return Err(HeaderError::UnexpectedParams {
+                        index,
+                        kind,
+                        param_a: region.param_a,
+                        param_b: region.param_b,
+                    });
+                }
+            }
         }
         let expected = region.expected_len();
         if expected != region.len {
@@ -788,6 +839,15 @@ impl Segment {
         })
     }
 
+    /// The shared word `tag`.
+    pub fn word(self: &Arc<Self>, tag: u32) -> Result<SharedWord, RegionError> {
+        let r = self.find(RegionKind::Word, tag)?;
+        Ok(SharedWord {
+            word: self.at(r.offset).cast::<StdAtomicU64>(),
+            _owner: self.clone(),
+        })
+    }
+
     fn pool_layout(&self, tag: u32) -> Result<PoolLayout, RegionError> {
         let classes: Vec<ClassLayout> = self
             .regions
@@ -828,6 +888,48 @@ impl Segment {
     }
 }
 
+/// A 64-bit word shared with the peer, on its own cache-line pair.
+///
+/// The plainest possible shared state: the floor that the rings are measured
+/// against, and a place for flags such as "closing". The peer can write any
+/// value at any time; treat what you load as untrusted.
+#[derive(Debug)]
+pub struct SharedWord {
+    word: NonNull<StdAtomicU64>,
+    _owner: Arc<Segment>,
+}
+
+// SAFETY: the pointer targets an atomic in a mapping the Arc keeps alive.
+unsafe impl Send for SharedWord {}
+// SAFETY: only atomic operations are performed through it.
+unsafe impl Sync for SharedWord {}
+
+impl SharedWord {
+    fn get(&self) -> &StdAtomicU64 {
+        // SAFETY: a validated, 128-byte aligned region of the mapping, which
+        // `_owner` keeps alive; `AtomicU64` has `u64`'s layout and any bit
+        // pattern is valid.
+        unsafe { self.word.as_ref() }
+    }
+
+    /// Reads the word. Acquire: pairs with the peer's [`SharedWord::store`],
+    /// so what it wrote before the store is visible after this load.
+    pub fn load(&self) -> u64 {
+        self.get().load(StdOrdering::Acquire)
+    }
+
+    /// Writes the word. Release: pairs with the peer's [`SharedWord::load`].
+    pub fn store(&self, value: u64) {
+        self.get().store(value, StdOrdering::Release)
+    }
+
+    /// Adds to the word and returns the previous value (AcqRel: both of the
+    /// above).
+    pub fn fetch_add(&self, value: u64) -> u64 {
+        self.get().fetch_add(value, StdOrdering::AcqRel)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -840,8 +942,19 @@ mod tests {
         b.ring::<Descriptor>(0, 8)
             .ring::<SlabHandle>(1, 8)
             .doorbell(0)
-            .pool(0, &PoolConfig::default());
+            .pool(0, &PoolConfig::default())
+            .word(0);
         b
+    }
+
+    #[test]
+    fn shared_word_is_shared() {
+        let seg = builder().create("t").unwrap();
+        let peer = reopen(&seg).unwrap();
+        seg.word(0).unwrap().store(41);
+        assert_eq!(peer.word(0).unwrap().fetch_add(1), 41);
+        assert_eq!(seg.word(0).unwrap().load(), 42);
+        assert!(seg.word(1).is_err());
     }
 
     fn valid_words() -> ([u64; HEADER_WORDS], u64) {
