@@ -10,16 +10,16 @@
 //! ──────                                   ────────
 //! if ready() → done                        publish data (ring Release store)
 //! spin until ready() or budget spent       fence(SeqCst)
-//! sleepers += 1           (SeqCst)         if sleepers == 0 → done, no syscall
-//! seen = seq              (SeqCst)         seq += 1
-//! if ready() → sleepers -= 1; done         wake (FUTEX_WAKE / eventfd write)
+//! sleepers += 1                            if sleepers == 0 → done, no syscall
+//! fence(SeqCst)                            seq += 1
+//! seen = seq                               wake (FUTEX_WAKE / eventfd write)
+//! if ready() → sleepers -= 1; done
 //! park while seq == seen
 //! sleepers -= 1; loop
 //! ```
 //!
-//! The `sleepers` increment and the notifier's fence form a Dekker pair:
-//! either the notifier sees the waiter announced, or the waiter's re-check
-//! sees the published data. The futex (or the eventfd's counter) closes the
+//! The two SeqCst fences form a Dekker pair: either the notifier sees the
+//! waiter announced, or the waiter's re-check sees the published data. The futex (or the eventfd's counter) closes the
 //! last gap: a wake-up sent between the waiter's re-check and its park makes
 //! the park return at once. `tests/loom.rs` checks exactly this race.
 //!
@@ -155,9 +155,9 @@ impl WordsRef {
 /// The event-count protocol, shared by both variants.
 fn notify(p: &impl Park) -> bool {
     let words = p.words();
-    // SeqCst fence: the Dekker pair with the waiter's SeqCst increment of
-    // `sleepers`. Either this load sees the increment, or the waiter's
-    // re-check sees the data the caller published before calling us.
+    // SeqCst fence: the notifier's half of the Dekker pair with the fence in
+    // `announce`. Either this load sees the waiter's increment, or the
+    // waiter's re-check sees the data the caller published before calling us.
     fence(Ordering::SeqCst);
     if words.sleepers.load(Ordering::SeqCst) == 0 {
         return false;
@@ -167,6 +167,20 @@ fn notify(p: &impl Park) -> bool {
     words.seq.fetch_add(1, Ordering::SeqCst);
     p.unpark();
     true
+}
+
+/// Announces a waiter about to park; returns the `seq` it must park on.
+/// The caller re-checks its condition after this and before parking.
+fn announce(words: &DoorbellWords) -> u32 {
+    words.sleepers.fetch_add(1, Ordering::SeqCst);
+    // SeqCst fence: the waiter's half of the Dekker pair with the fence in
+    // `notify`. Between two SeqCst fences, either the notifier's load of
+    // `sleepers` sees our increment, or our re-check of the condition sees
+    // what the notifier published before its fence. (A SeqCst read-modify-
+    // write alone would do on x86, but the language guarantees the pattern
+    // only fence to fence, and loom checks it that way.)
+    fence(Ordering::SeqCst);
+    words.seq.load(Ordering::SeqCst)
 }
 
 #[cfg(not(loom))]
@@ -210,9 +224,7 @@ fn wait_until(
     // Park phase.
     let words = p.words();
     loop {
-        // SeqCst: see `notify`.
-        words.sleepers.fetch_add(1, Ordering::SeqCst);
-        let seen = words.seq.load(Ordering::SeqCst);
+        let seen = announce(words);
         if ready() {
             words.sleepers.fetch_sub(1, Ordering::SeqCst);
             return Ok(());
@@ -256,8 +268,7 @@ fn wait_until(p: &impl Park, policy: WaitPolicy, mut ready: impl FnMut() -> bool
     }
     let words = p.words();
     loop {
-        words.sleepers.fetch_add(1, Ordering::SeqCst);
-        let seen = words.seq.load(Ordering::SeqCst);
+        let seen = announce(words);
         if ready() {
             words.sleepers.fetch_sub(1, Ordering::SeqCst);
             return;
@@ -487,8 +498,7 @@ impl EventDoorbell {
     /// re-check its condition after this and before awaiting the fd, and must
     /// call [`EventDoorbell::retract`] once, whatever happens.
     pub fn announce(&self) {
-        // SeqCst: see `notify`.
-        self.words().sleepers.fetch_add(1, Ordering::SeqCst);
+        announce(self.words());
     }
 
     /// Withdraws an [`EventDoorbell::announce`] and drains the eventfd.

@@ -776,6 +776,7 @@ impl PoolView {
     ///
     /// Every class of `layout` must lie within memory starting at `base` that
     /// is valid for reads for as long as `owner` lives.
+    #[cfg_attr(loom, allow(dead_code))] // segments are not built under loom
     pub(crate) unsafe fn from_raw(
         layout: PoolLayout,
         base: NonNull<u8>,

@@ -275,6 +275,7 @@ impl<E: Entry> Producer<E> {
     /// lives, and only ever accessed atomically. `capacity` must have passed
     /// [`check_config`]. The ring must be fresh (both indices zero) or this
     /// must be its one producer picking up where it left off at index 0.
+    #[cfg_attr(loom, allow(dead_code))] // segments are not built under loom
     pub(crate) unsafe fn from_raw(
         indices: NonNull<RingIndices>,
         slots: NonNull<AtomicU64>,
@@ -394,6 +395,7 @@ impl<E: Entry> Consumer<E> {
     /// # Safety
     ///
     /// The same contract as [`Producer::from_raw`].
+    #[cfg_attr(loom, allow(dead_code))] // segments are not built under loom
     pub(crate) unsafe fn from_raw(
         indices: NonNull<RingIndices>,
         slots: NonNull<AtomicU64>,
