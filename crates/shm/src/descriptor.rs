@@ -1,6 +1,7 @@
 //! Descriptors: the fixed-size records that travel on the rings.
 //!
-//! A descriptor is one cache line (eight 64-bit words) in shared memory:
+//! A descriptor is seven 64-bit words; with the ring's stamp it fills one
+//! cache-line slot (see [`crate::ring`]):
 //!
 //! | word | contents |
 //! |------|----------|
@@ -11,11 +12,10 @@
 //! | 4 | payload length (low 32 bits), status code (high 32 bits) |
 //! | 5 | deadline, nanoseconds on `CLOCK_MONOTONIC` (0 = none) |
 //! | 6 | auxiliary word for the RPC layer (stream sequence, credits, …) |
-//! | 7 | reserved, must be zero |
 //!
 //! [`Descriptor::decode`] is the only way to turn shared words into a
 //! descriptor; it checks everything that can be checked without a pool
-//! (known flags, reserved bits, a payload length only with a payload). The
+//! (known flags, a payload handle and length only with a payload). The
 //! payload handle is then checked against the pool with
 //! [`crate::pool::PoolLayout::resolve`].
 
@@ -90,7 +90,7 @@ pub struct Descriptor {
 }
 
 /// Number of 64-bit words a descriptor occupies.
-pub const DESCRIPTOR_WORDS: usize = 8;
+pub const DESCRIPTOR_WORDS: usize = 7;
 
 impl Descriptor {
     /// The descriptor's shared-memory encoding.
@@ -104,7 +104,6 @@ impl Descriptor {
             u64::from(self.len) | (u64::from(self.status) << 32),
             self.deadline_ns,
             self.aux,
-            0,
         ]
     }
 
@@ -117,9 +116,6 @@ impl Descriptor {
         let unknown = flags.0 & !(Flags::KNOWN.0 | Flags::UPPER.0);
         if unknown != 0 {
             return Err(CorruptDescriptor::UnknownFlags { bits: unknown });
-        }
-        if words[7] != 0 {
-            return Err(CorruptDescriptor::ReservedNotZero { word: words[7] });
         }
         let payload = SlabHandle::from_words([words[2], words[3]]);
         let len = words[4] as u32;
@@ -162,12 +158,6 @@ pub enum CorruptDescriptor {
     UnknownFlags {
         /// The offending bits.
         bits: u32,
-    },
-    /// The reserved word is not zero.
-    #[error("descriptor reserved word is {word:#x}, must be zero")]
-    ReservedNotZero {
-        /// The reserved word's value.
-        word: u64,
     },
     /// A payload handle or length is set but the payload flag is not.
     #[error("descriptor names a payload (length {len}) without the payload flag")]
@@ -212,16 +202,6 @@ mod tests {
         assert_eq!(
             Descriptor::decode(&w),
             Err(CorruptDescriptor::UnknownFlags { bits: 1 << 5 })
-        );
-    }
-
-    #[test]
-    fn rejects_reserved_word() {
-        let mut w = sample().to_words();
-        w[7] = 1;
-        assert_eq!(
-            Descriptor::decode(&w),
-            Err(CorruptDescriptor::ReservedNotZero { word: 1 })
         );
     }
 

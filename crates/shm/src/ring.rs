@@ -1,20 +1,29 @@
 //! Single-producer, single-consumer rings of fixed-size entries.
 //!
-//! A ring is a power-of-two array of slots plus two indices, each on its own
-//! cache-line pair: `head`, written only by the producer, and `tail`, written
-//! only by the consumer. Indices are free-running 64-bit counters (they never
-//! wrap in practice) and are masked into the slot array. Each side keeps a
-//! private copy of its own index and a cached copy of the other side's, so an
-//! uncontended push or pop touches the shared index lines only when the cache
-//! says the ring looks full or empty.
+//! A ring is a power-of-two array of slots plus one shared index, `tail`,
+//! written only by the consumer. Each slot holds an entry and, in its last
+//! word, a *stamp*: the producer writes the entry's words, then the stamp
+//! `index + 1` with `Release`; the consumer polls the stamp of the slot at its
+//! tail with `Acquire`. There is no shared head: a message crosses from
+//! producer to consumer in exactly one cache line (the slot), which is what
+//! keeps a ring round trip close to the floor of one cache line bounced
+//! between two cores. The consumer publishes its `tail` so the producer can
+//! reuse slots; the producer keeps a cached copy and re-reads it only when
+//! the ring looks full.
 //!
-//! Every word of a slot is an atomic accessed with `Relaxed` ordering, and the
-//! index stores and loads carry the `Release`/`Acquire` edges. This makes the
-//! ring free of data races even when the peer is hostile: a peer that
-//! scribbles over slots or indices can make us read garbage values, never
-//! cause undefined behaviour. Garbage is then caught by validation: the
-//! peer's index must stay within `capacity` of ours, and each entry is copied
-//! once into a private array and decoded by [`Entry::decode`].
+//! Indices are free-running 64-bit counters, masked into the slot array. A
+//! slot at index `i` holds stamp `i + 1` once written; before that, it holds
+//! the previous lap's stamp `i + 1 - capacity` (or 0 on the first lap). Any
+//! other stamp is corruption.
+//!
+//! Every word of a slot is an atomic accessed with `Relaxed` ordering, and
+//! the stamp and tail stores and loads carry the `Release`/`Acquire` edges.
+//! This makes the ring free of data races even when the peer is hostile: a
+//! peer that scribbles over slots or the tail can make us read garbage
+//! values, never cause undefined behaviour. Garbage is then caught by
+//! validation: the stamp must be one of the two legal values, the tail must
+//! stay between its last value and our head, and each entry is copied once
+//! into a private array and decoded by [`Entry::decode`].
 //!
 //! A full ring is reported as [`PushError::Full`], handing the entry back; it
 //! is never overwritten.
@@ -40,8 +49,9 @@ use thiserror::Error;
 
 use crate::sync::{AtomicU64, CachePadded, Ordering};
 
-/// The most 64-bit words one ring entry may occupy.
-pub const MAX_ENTRY_WORDS: usize = 8;
+/// The most 64-bit words one ring entry may occupy: a slot is at most one
+/// 64-byte cache line, and its last word is the stamp.
+pub const MAX_ENTRY_WORDS: usize = 7;
 
 /// Scratch space one entry is encoded into or decoded from.
 pub type EntryWords = [u64; MAX_ENTRY_WORDS];
@@ -61,19 +71,23 @@ pub trait Entry: Sized {
     fn decode(words: &EntryWords) -> Result<Self, Self::Error>;
 }
 
-/// The two shared indices of a ring, at the start of its region.
+/// The consumer's shared index, at the start of a ring's region.
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct RingIndices {
-    /// Next slot the producer will fill; written by the producer only.
-    head: CachePadded<AtomicU64>,
     /// Next slot the consumer will read; written by the consumer only.
     tail: CachePadded<AtomicU64>,
 }
 
-/// Bytes a ring region takes in a segment: the indices, then the slots.
+/// Words per slot for entries of `entry_words` words: the entry plus its
+/// stamp, rounded up to a power of two so slots never straddle cache lines.
+pub fn slot_words(entry_words: usize) -> usize {
+    (entry_words + 1).next_power_of_two()
+}
+
+/// Bytes a ring region takes in a segment: the index, then the slots.
 pub fn region_len(entry_words: usize, capacity: usize) -> usize {
-    std::mem::size_of::<RingIndices>() + capacity * entry_words * 8
+    std::mem::size_of::<RingIndices>() + capacity * slot_words(entry_words) * 8
 }
 
 /// A ring's capacity that is not a power of two from 2 to 2^24, or an entry
@@ -122,26 +136,52 @@ struct RingMemory {
     indices: NonNull<RingIndices>,
     slots: NonNull<AtomicU64>,
     capacity: u64,
+    /// Words the entry type uses.
     words: usize,
+    /// Words per slot; the last is the stamp.
+    stride: usize,
     _owner: Arc<dyn Send + Sync>,
 }
 
 impl RingMemory {
-    fn indices(&self) -> &RingIndices {
-        // SAFETY: `indices` points at a live, aligned `RingIndices` for as long
-        // as `_owner` lives (the contract of `Producer::from_raw` and of
-        // `channel`), and it is only ever accessed through shared references
-        // to atomics.
-        unsafe { self.indices.as_ref() }
+    fn new(
+        indices: NonNull<RingIndices>,
+        slots: NonNull<AtomicU64>,
+        capacity: u64,
+        words: usize,
+        owner: Arc<dyn Send + Sync>,
+    ) -> Self {
+        RingMemory {
+            indices,
+            slots,
+            capacity,
+            words,
+            stride: slot_words(words),
+            _owner: owner,
+        }
     }
 
-    /// The atomic words of the slot at free-running `index`.
+    fn tail(&self) -> &AtomicU64 {
+        // SAFETY: `indices` points at a live, aligned `RingIndices` for as long
+        // as `_owner` lives (the contract of `from_raw` and of `channel`), and
+        // it is only ever accessed through shared references to atomics.
+        unsafe { &self.indices.as_ref().tail }
+    }
+
+    /// The atomic words of the slot at free-running `index`; the last one is
+    /// the stamp.
     fn slot(&self, index: u64) -> &[AtomicU64] {
-        let start = (index & (self.capacity - 1)) as usize * self.words;
-        // SAFETY: `slots` points at `capacity * words` live, aligned atomics
+        let start = (index & (self.capacity - 1)) as usize * self.stride;
+        // SAFETY: `slots` points at `capacity * stride` live, aligned atomics
         // (same contract as above); the masked index is below `capacity`, so
-        // `start + words` is in bounds.
-        unsafe { std::slice::from_raw_parts(self.slots.as_ptr().add(start), self.words) }
+        // `start + stride` is in bounds.
+        unsafe { std::slice::from_raw_parts(self.slots.as_ptr().add(start), self.stride) }
+    }
+
+    /// The stamp a slot holds before the entry at `index` is written: the
+    /// previous lap's, or 0 on the first lap.
+    fn empty_stamp(&self, index: u64) -> u64 {
+        (index + 1).saturating_sub(self.capacity)
     }
 }
 
@@ -161,27 +201,21 @@ pub fn channel<E: Entry>(capacity: usize) -> Result<(Producer<E>, Consumer<E>), 
     check_config(E::WORDS, capacity as u64)?;
     let heap = Arc::new(HeapRing {
         indices: RingIndices::default(),
-        slots: (0..capacity * E::WORDS)
+        slots: (0..capacity * slot_words(E::WORDS))
             .map(|_| AtomicU64::new(0))
             .collect(),
     });
     let indices = NonNull::from(&heap.indices);
     let slots = NonNull::from(&heap.slots[0]);
     let owner: Arc<dyn Send + Sync> = heap;
-    let mem = |owner: Arc<dyn Send + Sync>| RingMemory {
-        indices,
-        slots,
-        capacity: capacity as u64,
-        words: E::WORDS,
-        _owner: owner,
-    };
+    let mem = |owner| RingMemory::new(indices, slots, capacity as u64, E::WORDS, owner);
     Ok((Producer::new(mem(owner.clone())), Consumer::new(mem(owner))))
 }
 
 /// The writing end of a ring.
 pub struct Producer<E: Entry> {
     mem: RingMemory,
-    /// Our own index: the only copy we trust.
+    /// Next index to write: private, the only copy there is.
     head: u64,
     /// The last consumer index we read.
     cached_tail: u64,
@@ -191,10 +225,8 @@ pub struct Producer<E: Entry> {
 /// The reading end of a ring.
 pub struct Consumer<E: Entry> {
     mem: RingMemory,
-    /// Our own index: the only copy we trust.
+    /// Next index to read: our own copy, the only one we trust.
     tail: u64,
-    /// The last producer index we read.
-    cached_head: u64,
     _entry: PhantomData<fn() -> E>,
 }
 
@@ -232,17 +264,20 @@ pub enum PushError<E> {
 /// Why a pop failed. The ring should be considered broken afterwards.
 #[derive(Debug, Error)]
 pub enum PopError<D: std::error::Error + 'static> {
-    /// The producer's index is not where a correct producer could have put it.
-    #[error("ring is corrupt: producer head {head} is outside [{prev_head}, {tail} + {capacity}]")]
-    CorruptIndex {
-        /// The head read from shared memory.
-        head: u64,
-        /// The head read before.
-        prev_head: u64,
-        /// Our tail.
-        tail: u64,
-        /// The ring's capacity.
-        capacity: u64,
+    /// A slot's stamp is neither "written for this index" nor "not yet
+    /// written": the producer (or someone) wrote where it must not.
+    #[error(
+        "ring is corrupt: slot for index {index} has stamp {stamp}, expected {ready} or {empty}"
+    )]
+    CorruptStamp {
+        /// The free-running index read.
+        index: u64,
+        /// The stamp found.
+        stamp: u64,
+        /// The stamp of a written slot.
+        ready: u64,
+        /// The stamp of a slot not yet written.
+        empty: u64,
     },
     /// An entry failed to decode. It has been consumed.
     #[error("ring entry at index {index} is corrupt")]
@@ -269,12 +304,11 @@ impl<E: Entry> Producer<E> {
     ///
     /// # Safety
     ///
-    /// `indices` must point at a `RingIndices` and `slots` at
-    /// `capacity * E::WORDS` 64-bit words, both 8-byte aligned (indices
-    /// 128-byte aligned), valid for reads and writes for as long as `owner`
-    /// lives, and only ever accessed atomically. `capacity` must have passed
-    /// [`check_config`]. The ring must be fresh (both indices zero) or this
-    /// must be its one producer picking up where it left off at index 0.
+    /// `indices` must point at a `RingIndices` (128-byte aligned) and `slots`
+    /// at `capacity * slot_words(E::WORDS)` 64-bit words (64-byte aligned),
+    /// valid for reads and writes for as long as `owner` lives, and only ever
+    /// accessed atomically. `capacity` must have passed [`check_config`]. The
+    /// ring must be fresh (all zero).
     #[cfg_attr(loom, allow(dead_code))] // segments are not built under loom
     pub(crate) unsafe fn from_raw(
         indices: NonNull<RingIndices>,
@@ -282,13 +316,7 @@ impl<E: Entry> Producer<E> {
         capacity: u64,
         owner: Arc<dyn Send + Sync>,
     ) -> Self {
-        Producer::new(RingMemory {
-            indices,
-            slots,
-            capacity,
-            words: E::WORDS,
-            _owner: owner,
-        })
+        Producer::new(RingMemory::new(indices, slots, capacity, E::WORDS, owner))
     }
 
     /// Number of slots.
@@ -296,7 +324,7 @@ impl<E: Entry> Producer<E> {
         self.mem.capacity as usize
     }
 
-    /// Entries pushed so far (our private head).
+    /// Entries pushed so far.
     pub fn pushed(&self) -> u64 {
         self.head
     }
@@ -311,7 +339,7 @@ impl<E: Entry> Producer<E> {
     fn refresh_tail(&mut self) -> Result<(), CorruptTail> {
         // Acquire: pairs with the consumer's Release store of `tail`, so its
         // reads of the slots it freed happen before our writes into them.
-        let tail = self.mem.indices().tail.load(Ordering::Acquire);
+        let tail = self.mem.tail().load(Ordering::Acquire);
         // A correct consumer only moves its tail forward and never past our
         // head: anything else is corruption.
         if tail.wrapping_sub(self.cached_tail) > self.head.wrapping_sub(self.cached_tail) {
@@ -325,19 +353,21 @@ impl<E: Entry> Producer<E> {
         Ok(())
     }
 
-    fn write_slot(&self, index: u64, entry: &E) {
+    /// Writes the entry into the slot at `head` and publishes it.
+    fn write_slot(&mut self, entry: &E) {
         let mut words = [0u64; MAX_ENTRY_WORDS];
         entry.encode(&mut words);
-        for (slot, word) in self.mem.slot(index).iter().zip(words) {
-            // Relaxed: published by the Release store of `head` that follows.
-            slot.store(word, Ordering::Relaxed);
+        let slot = self.mem.slot(self.head);
+        for (cell, word) in slot.iter().zip(&words[..self.mem.words]) {
+            // Relaxed: published by the Release store of the stamp below.
+            cell.store(*word, Ordering::Relaxed);
         }
-    }
-
-    fn publish(&self) {
-        // Release: makes the slot writes above visible to the consumer's
-        // Acquire load of `head`.
-        self.mem.indices().head.store(self.head, Ordering::Release);
+        if let Some(stamp) = slot.last() {
+            // Release: the entry's words above become visible to the
+            // consumer's Acquire load of this stamp.
+            stamp.store(self.head + 1, Ordering::Release);
+        }
+        self.head += 1;
     }
 
     /// Pushes one entry, or hands it back in [`PushError::Full`].
@@ -348,14 +378,12 @@ impl<E: Entry> Producer<E> {
                 return Err(PushError::Full(entry));
             }
         }
-        self.write_slot(self.head, &entry);
-        self.head += 1;
-        self.publish();
+        self.write_slot(&entry);
         Ok(())
     }
 
-    /// Pushes as many of `entries` as fit, publishing them with one index
-    /// store. Returns how many were pushed (0 when the ring is full).
+    /// Pushes as many of `entries` as fit, reading the consumer's index at
+    /// most once. Returns how many were pushed (0 when the ring is full).
     pub fn push_batch(&mut self, entries: &[E]) -> Result<usize, CorruptTail> {
         let mut free = self.mem.capacity - (self.head - self.cached_tail);
         if free < entries.len() as u64 {
@@ -364,11 +392,7 @@ impl<E: Entry> Producer<E> {
         }
         let n = entries.len().min(free as usize);
         for entry in &entries[..n] {
-            self.write_slot(self.head, entry);
-            self.head += 1;
-        }
-        if n > 0 {
-            self.publish();
+            self.write_slot(entry);
         }
         Ok(n)
     }
@@ -385,7 +409,6 @@ impl<E: Entry> Consumer<E> {
         Consumer {
             mem,
             tail: 0,
-            cached_head: 0,
             _entry: PhantomData,
         }
     }
@@ -402,13 +425,7 @@ impl<E: Entry> Consumer<E> {
         capacity: u64,
         owner: Arc<dyn Send + Sync>,
     ) -> Self {
-        Consumer::new(RingMemory {
-            indices,
-            slots,
-            capacity,
-            words: E::WORDS,
-            _owner: owner,
-        })
+        Consumer::new(RingMemory::new(indices, slots, capacity, E::WORDS, owner))
     }
 
     /// Number of slots.
@@ -421,59 +438,65 @@ impl<E: Entry> Consumer<E> {
         self.tail
     }
 
-    /// Re-reads the producer's head and checks it.
-    fn refresh_head(&mut self) -> Result<(), PopError<E::Error>> {
-        // Acquire: pairs with the producer's Release store of `head`, so the
-        // slot words it wrote before are visible to our Relaxed loads.
-        let head = self.mem.indices().head.load(Ordering::Acquire);
-        // A correct producer only moves its head forward and never more than
-        // `capacity` ahead of our tail.
-        let forward = head.wrapping_sub(self.cached_head);
-        let ahead = head.wrapping_sub(self.tail);
-        if forward > self.mem.capacity || ahead > self.mem.capacity {
-            return Err(PopError::CorruptIndex {
-                head,
-                prev_head: self.cached_head,
-                tail: self.tail,
-                capacity: self.mem.capacity,
-            });
+    /// Whether the slot at `index` holds a written entry, checking its stamp.
+    fn is_written(&self, index: u64) -> Result<bool, PopError<E::Error>> {
+        let slot = self.mem.slot(index);
+        let Some(stamp) = slot.last() else {
+            return Ok(false);
+        };
+        // Acquire: pairs with the producer's Release store of the stamp, so
+        // the entry words it wrote before are visible to our Relaxed loads.
+        let stamp = stamp.load(Ordering::Acquire);
+        let (ready, empty) = (index + 1, self.mem.empty_stamp(index));
+        if stamp == ready {
+            Ok(true)
+        } else if stamp == empty {
+            Ok(false)
+        } else {
+            Err(PopError::CorruptStamp {
+                index,
+                stamp,
+                ready,
+                empty,
+            })
         }
-        self.cached_head = head;
-        Ok(())
     }
 
-    /// Number of entries ready to pop, refreshing the producer's index.
-    pub fn pending(&mut self) -> Result<usize, PopError<E::Error>> {
-        self.refresh_head()?;
-        Ok((self.cached_head - self.tail) as usize)
+    /// Number of entries ready to pop. Scans stamps: O(pending).
+    pub fn pending(&self) -> Result<usize, PopError<E::Error>> {
+        let mut n = 0;
+        while (n as u64) < self.mem.capacity && self.is_written(self.tail + n as u64)? {
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Copies the entry at `tail` out of shared memory, once, and advances.
+    /// The caller has seen its stamp.
     fn take_slot(&mut self) -> Result<E, PopError<E::Error>> {
         let mut words = [0u64; MAX_ENTRY_WORDS];
-        for (word, slot) in words.iter_mut().zip(self.mem.slot(self.tail)) {
-            // Relaxed: ordered after the Acquire load of `head` in
-            // `refresh_head` that showed this slot as filled.
-            *word = slot.load(Ordering::Relaxed);
+        for (word, cell) in words.iter_mut().zip(self.mem.slot(self.tail)) {
+            // Relaxed: ordered after the Acquire load of the stamp in
+            // `is_written`. For short entries the zip also copies padding and
+            // the stamp; they are zeroed below before decoding.
+            *word = cell.load(Ordering::Relaxed);
         }
         let index = self.tail;
         self.tail += 1;
+        words[self.mem.words..].fill(0);
         E::decode(&words).map_err(|source| PopError::CorruptEntry { index, source })
     }
 
     fn release_slots(&self) {
         // Release: our loads of the consumed slots happen before the
         // producer's Acquire load of `tail` lets it overwrite them.
-        self.mem.indices().tail.store(self.tail, Ordering::Release);
+        self.mem.tail().store(self.tail, Ordering::Release);
     }
 
     /// Pops one entry, or `None` if the ring is empty.
     pub fn try_pop(&mut self) -> Result<Option<E>, PopError<E::Error>> {
-        if self.tail == self.cached_head {
-            self.refresh_head()?;
-            if self.tail == self.cached_head {
-                return Ok(None);
-            }
+        if !self.is_written(self.tail)? {
+            return Ok(None);
         }
         let entry = self.take_slot();
         self.release_slots();
@@ -484,33 +507,37 @@ impl<E: Entry> Consumer<E> {
     /// first corrupt entry (consumed, reported as the error; the entries before
     /// it stay in `out`). Returns how many were appended.
     pub fn pop_batch(&mut self, out: &mut Vec<E>, max: usize) -> Result<usize, PopError<E::Error>> {
-        if (self.cached_head - self.tail) < max as u64 {
-            self.refresh_head()?;
-        }
-        let n = ((self.cached_head - self.tail) as usize).min(max);
-        let mut result = Ok(n);
-        for _ in 0..n {
-            match self.take_slot() {
-                Ok(entry) => out.push(entry),
+        let mut n = 0;
+        let mut result = Ok(());
+        while n < max {
+            match self.is_written(self.tail) {
+                Ok(true) => {}
+                Ok(false) => break,
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
             }
+            match self.take_slot() {
+                Ok(entry) => out.push(entry),
+                Err(e) => {
+                    result = Err(e);
+                    n += 1;
+                    break;
+                }
+            }
+            n += 1;
         }
         if n > 0 {
             self.release_slots();
         }
-        result
+        result.map(|()| n)
     }
 
-    /// Whether the producer has published entries we have not popped. Reads
-    /// the shared head without validating it: a hint for wait loops.
+    /// Whether the next slot looks written (or corrupt, which `try_pop` then
+    /// reports). One Acquire load: the condition for wait loops.
     pub fn has_pending_hint(&self) -> bool {
-        self.tail != self.cached_head
-            // Acquire: as in `refresh_head`; a waiter that sees the new head
-            // goes on to pop, which re-reads and validates it.
-            || self.mem.indices().head.load(Ordering::Acquire) != self.tail
+        !matches!(self.is_written(self.tail), Ok(false))
     }
 }
 
@@ -587,8 +614,8 @@ mod tests {
         let (mut tx, mut rx) = channel::<Descriptor>(4).unwrap();
         tx.try_push(d(1)).unwrap();
         tx.try_push(d(2)).unwrap();
-        // Scribble the reserved word of slot 0, as a hostile producer could.
-        rx.mem.slot(0)[7].store(5, Ordering::Relaxed);
+        // Set an unknown flag in slot 0, as a hostile producer could.
+        rx.mem.slot(0)[1].store(1 << 40, Ordering::Relaxed);
         assert!(matches!(
             rx.try_pop(),
             Err(PopError::CorruptEntry { index: 0, .. })
@@ -597,31 +624,59 @@ mod tests {
     }
 
     #[test]
-    fn head_beyond_capacity_is_corruption() {
-        let (_tx, mut rx) = channel::<Descriptor>(4).unwrap();
-        rx.mem.indices().head.store(5, Ordering::Relaxed);
+    fn foreign_stamp_is_corruption() {
+        let (mut tx, mut rx) = channel::<Descriptor>(4).unwrap();
+        assert_eq!(rx.pending().unwrap(), 0);
+        tx.try_push(d(0)).unwrap();
+        assert_eq!(rx.pending().unwrap(), 1);
+        let stamp =
+            |rx: &Consumer<Descriptor>, i: u64| rx.mem.slot(i)[7].store(99, Ordering::Relaxed);
+        stamp(&rx, 1);
+        assert!(matches!(
+            rx.pending(),
+            Err(PopError::CorruptStamp {
+                index: 1,
+                stamp: 99,
+                ..
+            })
+        ));
+        rx.try_pop().unwrap();
+        assert!(
+            rx.has_pending_hint(),
+            "corruption shows as pending, for pop to report"
+        );
         assert!(matches!(
             rx.try_pop(),
-            Err(PopError::CorruptIndex { head: 5, .. })
+            Err(PopError::CorruptStamp {
+                index: 1,
+                stamp: 99,
+                ready: 2,
+                empty: 0
+            })
         ));
-        rx.mem.indices().head.store(u64::MAX, Ordering::Relaxed);
-        assert!(matches!(rx.pending(), Err(PopError::CorruptIndex { .. })));
     }
 
     #[test]
-    fn head_moving_backwards_is_corruption() {
-        let (mut tx, mut rx) = channel::<Descriptor>(4).unwrap();
-        for i in 0..3 {
+    fn stale_stamp_of_a_past_lap_is_not_an_entry() {
+        let (mut tx, mut rx) = channel::<Descriptor>(2).unwrap();
+        for i in 0..2 {
             tx.try_push(d(i)).unwrap();
+            rx.try_pop().unwrap().unwrap();
         }
-        assert_eq!(rx.pending().unwrap(), 3);
-        rx.mem.indices().head.store(1, Ordering::Relaxed);
-        rx.try_pop().unwrap();
-        rx.try_pop().unwrap();
-        rx.try_pop().unwrap();
+        // Slot 0 holds stamp 1 (index 0's); index 2 expects 3 or, empty, 1.
+        assert!(rx.try_pop().unwrap().is_none());
+        assert!(!rx.has_pending_hint());
+        // A replayed stamp from two laps ago is corruption, not an entry.
+        tx.try_push(d(2)).unwrap();
+        rx.try_pop().unwrap().unwrap();
+        rx.mem.slot(1)[7].store(0, Ordering::Relaxed);
         assert!(matches!(
             rx.try_pop(),
-            Err(PopError::CorruptIndex { head: 1, .. })
+            Err(PopError::CorruptStamp {
+                index: 3,
+                stamp: 0,
+                ..
+            })
         ));
     }
 
@@ -630,11 +685,21 @@ mod tests {
         let (mut tx, _rx) = channel::<Descriptor>(2).unwrap();
         tx.try_push(d(0)).unwrap();
         tx.try_push(d(1)).unwrap();
-        tx.mem.indices().tail.store(3, Ordering::Relaxed);
+        tx.mem.tail().store(3, Ordering::Relaxed);
         assert!(matches!(
             tx.try_push(d(2)),
             Err(PushError::Corrupt(CorruptTail { tail: 3, .. }))
         ));
+        assert!(tx.free_slots().is_err());
+    }
+
+    #[test]
+    fn tail_moving_backwards_is_corruption() {
+        let (mut tx, mut rx) = channel::<Descriptor>(2).unwrap();
+        tx.try_push(d(0)).unwrap();
+        rx.try_pop().unwrap();
+        assert_eq!(tx.free_slots().unwrap(), 2);
+        tx.mem.tail().store(0, Ordering::Relaxed);
         assert!(tx.free_slots().is_err());
     }
 

@@ -1008,7 +1008,7 @@ mod tests {
             Some(RegionError::EntrySize {
                 tag: 0,
                 expected: 2,
-                found: 8
+                found: 7
             })
         );
         assert!(seg.pool(5).is_err());
@@ -1096,8 +1096,8 @@ mod tests {
         check(
             &|w| {
                 w[entry(1, 0)] = w[entry(0, 0)];
-                w[entry(1, 3)] = 8;
-                w[entry(1, 2)] = ring::region_len(8, 8) as u64;
+                w[entry(1, 3)] = 7;
+                w[entry(1, 2)] = ring::region_len(7, 8) as u64;
                 w[entry(2, 1)] = w[entry(1, 1)] + 4096 * 4;
             },
             &|e| {

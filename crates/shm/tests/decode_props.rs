@@ -102,9 +102,6 @@ fn decode_model(w: &[u64; DESCRIPTOR_WORDS]) -> Result<Descriptor, CorruptDescri
     if unknown != 0 {
         return Err(CorruptDescriptor::UnknownFlags { bits: unknown });
     }
-    if w[7] != 0 {
-        return Err(CorruptDescriptor::ReservedNotZero { word: w[7] });
-    }
     let len = w[4] as u32;
     if flags & Flags::PAYLOAD.0 == 0 && (len != 0 || w[2] != 0 || w[3] != 0) {
         return Err(CorruptDescriptor::PayloadWithoutFlag { len });

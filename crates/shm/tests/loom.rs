@@ -28,10 +28,15 @@ fn handle(i: u64) -> SlabHandle {
     }
 }
 
-/// Three entries through a two-slot ring: the producer sees `Full` at least
-/// once in some interleavings; the consumer gets every entry once, in order,
-/// with every word written (a missing Release/Acquire would let it read a
-/// slot's old words).
+/// Three entries through a two-slot ring: the producer sees `Full` in some
+/// interleavings and reuses a slot; the consumer gets every entry once, in
+/// order, with every word written (a Relaxed stamp store fails this model).
+///
+/// The Release on the consumer's `tail` store guards the opposite hazard: the
+/// producer overwriting a slot whose words the consumer has not finished
+/// loading. That is load buffering, a reordering loom does not explore (a
+/// load only ever reads stores already made in its schedule), so it rests on
+/// the argument in `ring.rs` rather than on this model.
 #[test]
 fn ring_delivers_every_entry_in_order() {
     loom::model(|| {
@@ -66,8 +71,8 @@ fn ring_delivers_every_entry_in_order() {
     });
 }
 
-/// Batches publish with one index store: the consumer sees whole batches
-/// with every descriptor word intact.
+/// A batch's entries are each published by their own stamp: the consumer
+/// never sees a descriptor with some words of a previous lap.
 #[test]
 fn ring_batches_publish_whole_entries() {
     loom::model(|| {
