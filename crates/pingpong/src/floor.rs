@@ -65,7 +65,7 @@ impl FloorClient {
                 // Re-check against a clock only on the slow path.
                 while self.word.load() != want {
                     if start.elapsed() > timeout {
-                        return Err(PingPongError::TimedOut(timeout));
+                        return Err(PingPongError::TimedOut);
                     }
                     std::hint::spin_loop();
                 }

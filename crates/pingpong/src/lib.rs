@@ -129,9 +129,9 @@ pub enum PingPongError {
     /// No slab available.
     #[error(transparent)]
     Alloc(#[from] AllocError),
-    /// The peer did not answer in time.
-    #[error("peer did not answer within {0:?}")]
-    TimedOut(Duration),
+    /// The peer did not answer before the deadline.
+    #[error("peer did not answer before the deadline")]
+    TimedOut,
     /// A message arrived out of order, or twice, or not at all.
     #[error("expected call {expected}, got call {found}")]
     OutOfOrder {
@@ -265,20 +265,34 @@ const LIVENESS_SLICE: Duration = Duration::from_millis(20);
 const REQUEST_SALT: u8 = 0x5a;
 const RESPONSE_SALT: u8 = 0xa5;
 
-/// Pops one descriptor, waiting per `policy` until `deadline`.
+/// How long [`pop_wait`] may wait.
+#[derive(Debug, Clone, Copy)]
+enum WaitLimit {
+    /// Until this instant (or forever).
+    Until(Option<Instant>),
+    /// For about this long, without reading the clock if the wait is short.
+    For(Duration),
+}
+
+/// Pops one descriptor, waiting per `policy` within `limit`.
 fn pop_wait(
     rx: &mut Consumer<Descriptor>,
     bell: &Doorbell,
     policy: WaitPolicy,
-    deadline: Option<Instant>,
+    limit: WaitLimit,
 ) -> Result<Option<Descriptor>, PingPongError> {
     loop {
         if let Some(d) = rx.try_pop()? {
             return Ok(Some(d));
         }
-        match bell.wait_until(policy, deadline, || rx.has_pending_hint()) {
-            Ok(()) => {}
-            Err(WaitTimedOut) => return Ok(rx.try_pop()?),
+        let waited = match limit {
+            WaitLimit::Until(deadline) => {
+                bell.wait_until(policy, deadline, || rx.has_pending_hint())
+            }
+            WaitLimit::For(timeout) => bell.wait_for(policy, timeout, || rx.has_pending_hint()),
+        };
+        if let Err(WaitTimedOut) = waited {
+            return Ok(rx.try_pop()?);
         }
     }
 }
@@ -541,23 +555,21 @@ impl Client {
         // Wait in slices so a dead child is noticed promptly, not at the
         // deadline: this crate has no socket to signal death (the RPC layer
         // does).
-        let start = Instant::now();
         let d = loop {
-            let slice = Instant::now() + LIVENESS_SLICE;
-            let slice_end = deadline.map_or(slice, |t| t.min(slice));
-            if let Some(d) = pop_wait(
-                &mut self.responses,
-                &self.response_bell,
-                self.policy,
-                Some(slice_end),
-            )? {
+            let limit = match deadline {
+                // No clock read on the fast path: the slice is relative.
+                None => WaitLimit::For(LIVENESS_SLICE),
+                Some(t) => WaitLimit::Until(Some(t.min(Instant::now() + LIVENESS_SLICE))),
+            };
+            if let Some(d) = pop_wait(&mut self.responses, &self.response_bell, self.policy, limit)?
+            {
                 break d;
             }
             if let Some(status) = self.child_exit()? {
                 return Err(PingPongError::PeerExited(status));
             }
             if deadline.is_some_and(|t| Instant::now() >= t) {
-                return Err(PingPongError::TimedOut(start.elapsed()));
+                return Err(PingPongError::TimedOut);
             }
         };
         if d.call_id != self.next_response {

@@ -14,8 +14,8 @@ use shmesh_shm::pool::AllocError;
 use shmesh_shm::segment::Segment;
 
 use crate::{
-    METHOD_SHUTDOWN, PingPongError, REQUEST_SALT, RESPONSE_SALT, check_payload, checksum,
-    drain_returns, fill_payload, floor, pop_wait, push_return, push_wait, tags,
+    METHOD_SHUTDOWN, PingPongError, REQUEST_SALT, RESPONSE_SALT, WaitLimit, check_payload,
+    checksum, drain_returns, fill_payload, floor, pop_wait, push_return, push_wait, tags,
 };
 
 /// Arguments the parent passes to its peer (see [`crate::spawn_peer`]).
@@ -158,8 +158,8 @@ pub fn serve(
         }
         // Wake up now and then to notice a dead parent: its death closes no
         // socket here, and `Poll` never parks.
-        let deadline = Some(Instant::now() + Duration::from_millis(500));
-        let Some(d) = pop_wait(&mut requests, &request_bell, policy, deadline)? else {
+        let limit = WaitLimit::For(Duration::from_millis(500));
+        let Some(d) = pop_wait(&mut requests, &request_bell, policy, limit)? else {
             if rustix::process::getppid() != parent {
                 return Ok(expected);
             }

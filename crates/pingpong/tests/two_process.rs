@@ -78,7 +78,7 @@ fn slabs_held_by_a_killed_peer_are_reclaimed() {
         while client.in_flight() > 0 {
             match client.recv(Some(deadline)) {
                 Ok(_) => {}
-                Err(PingPongError::PeerExited(_) | PingPongError::TimedOut(_)) => {
+                Err(PingPongError::PeerExited(_) | PingPongError::TimedOut) => {
                     failed = true;
                     break;
                 }

@@ -183,44 +183,77 @@ fn announce(words: &DoorbellWords) -> u32 {
     words.seq.load(Ordering::SeqCst)
 }
 
+/// When a wait gives up.
+#[cfg(not(loom))]
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// Never.
+    None,
+    /// At this instant.
+    At(Instant),
+    /// This long after the wait first reads the clock.
+    After(Duration),
+}
+
+/// How many spins pass between two reads of the clock. A vDSO clock read
+/// costs about as much as the cache miss we are waiting for, so the clock is
+/// not read at all when the condition comes true within the first batch.
+#[cfg(not(loom))]
+const SPINS_PER_CLOCK_READ: u32 = 64;
+
+/// How many spins pass between two yields of the CPU (about 10 µs): costs a
+/// system call per long spin, and saves a time slice of latency when the
+/// peer shares our CPU.
+#[cfg(not(loom))]
+const SPINS_PER_YIELD: u32 = 256;
+
 #[cfg(not(loom))]
 fn wait_until(
     p: &impl Park,
     policy: WaitPolicy,
-    deadline: Option<Instant>,
+    limit: Limit,
     mut ready: impl FnMut() -> bool,
 ) -> Result<(), WaitTimedOut> {
     if ready() {
         return Ok(());
     }
-    let expired = |now: Instant| deadline.is_some_and(|d| now >= d);
-    let spin_until = match policy.mode {
-        WaitMode::Poll => None,
-        WaitMode::Adaptive => Some(Instant::now() + policy.spin),
-        WaitMode::Block => Some(Instant::now()),
+    // The clock is read lazily: `start` is the first reading, and relative
+    // limits and the spin budget count from it (at most one batch of spins
+    // late).
+    let mut start: Option<Instant> = None;
+    let deadline_from = |start: Instant| match limit {
+        Limit::None => None,
+        Limit::At(d) => Some(d),
+        Limit::After(t) => Some(start + t),
     };
-    // Spin phase. The clock is read every 64 turns: a vDSO call costs about
-    // as much as a cache miss, which is what we are waiting for.
-    let mut turns = 0u32;
-    loop {
-        if ready() {
-            return Ok(());
-        }
-        spin_hint();
-        turns = turns.wrapping_add(1);
-        if turns % 64 == 0 {
-            let now = Instant::now();
-            if expired(now) {
-                return if ready() { Ok(()) } else { Err(WaitTimedOut) };
+    // Spin phase (none in `Block` mode).
+    if policy.mode != WaitMode::Block {
+        let mut turns = 0u32;
+        loop {
+            if ready() {
+                return Ok(());
             }
-            if spin_until.is_some_and(|s| now >= s) {
-                break;
+            spin_hint();
+            turns = turns.wrapping_add(1);
+            if turns % SPINS_PER_CLOCK_READ == 0 {
+                let now = Instant::now();
+                let first = *start.get_or_insert(now);
+                if deadline_from(first).is_some_and(|d| now >= d) {
+                    return if ready() { Ok(()) } else { Err(WaitTimedOut) };
+                }
+                if policy.mode == WaitMode::Adaptive && now - first >= policy.spin {
+                    break;
+                }
             }
-        }
-        if policy.mode == WaitMode::Block {
-            break;
+            if turns % SPINS_PER_YIELD == 0 {
+                // On an oversubscribed machine the peer we wait for may be
+                // queued behind us on this very CPU: let it run.
+                std::thread::yield_now();
+            }
         }
     }
+    let deadline = deadline_from(*start.get_or_insert_with(Instant::now));
+    let expired = |now: Instant| deadline.is_some_and(|d| now >= d);
     // Park phase.
     let words = p.words();
     loop {
@@ -376,7 +409,20 @@ impl Doorbell {
         deadline: Option<Instant>,
         ready: impl FnMut() -> bool,
     ) -> Result<(), WaitTimedOut> {
-        wait_until(self, policy, deadline, ready)
+        wait_until(self, policy, deadline.map_or(Limit::None, Limit::At), ready)
+    }
+
+    #[cfg(not(loom))]
+    /// Waits until `ready()` holds, under `policy`, for about `timeout`
+    /// (counted from the wait's first clock reading, which it skips entirely
+    /// when `ready()` comes true within the first few dozen spins).
+    pub fn wait_for(
+        &self,
+        policy: WaitPolicy,
+        timeout: Duration,
+        ready: impl FnMut() -> bool,
+    ) -> Result<(), WaitTimedOut> {
+        wait_until(self, policy, Limit::After(timeout), ready)
     }
 
     /// Waits until `ready()` holds (loom build: no deadlines).
@@ -491,7 +537,19 @@ impl EventDoorbell {
         deadline: Option<Instant>,
         ready: impl FnMut() -> bool,
     ) -> Result<(), WaitTimedOut> {
-        wait_until(self, policy, deadline, ready)
+        wait_until(self, policy, deadline.map_or(Limit::None, Limit::At), ready)
+    }
+
+    /// Waits until `ready()` holds, under `policy`, for about `timeout`
+    /// (counted from the wait's first clock reading, which it skips entirely
+    /// when `ready()` comes true within the first few dozen spins).
+    pub fn wait_for(
+        &self,
+        policy: WaitPolicy,
+        timeout: Duration,
+        ready: impl FnMut() -> bool,
+    ) -> Result<(), WaitTimedOut> {
+        wait_until(self, policy, Limit::After(timeout), ready)
     }
 
     /// Announces that this waiter is about to sleep on the fd. The caller must

@@ -189,7 +189,45 @@ impl RingMemory {
 /// models, in-process use).
 struct HeapRing {
     indices: RingIndices,
-    slots: Box<[AtomicU64]>,
+    slots: HeapSlots,
+}
+
+/// Slot words on the heap, aligned like a segment's so that no slot
+/// straddles two cache lines.
+#[cfg(not(loom))]
+struct HeapSlots(Box<[CachePadded<[AtomicU64; 16]>]>);
+
+#[cfg(not(loom))]
+impl HeapSlots {
+    fn new(words: usize) -> Self {
+        HeapSlots(
+            (0..words.div_ceil(16))
+                .map(|_| CachePadded(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+        )
+    }
+
+    fn first(&self) -> NonNull<AtomicU64> {
+        // 16 words fill a 128-byte `CachePadded` exactly, so the chunks are
+        // contiguous words with no padding between them.
+        NonNull::from(&self.0[0].0[0])
+    }
+}
+
+/// Under loom atomics are not 8 bytes and alignment means nothing: a plain
+/// array.
+#[cfg(loom)]
+struct HeapSlots(Box<[AtomicU64]>);
+
+#[cfg(loom)]
+impl HeapSlots {
+    fn new(words: usize) -> Self {
+        HeapSlots((0..words).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn first(&self) -> NonNull<AtomicU64> {
+        NonNull::from(&self.0[0])
+    }
 }
 
 /// Creates a ring in heap memory and returns its two ends.
@@ -201,12 +239,10 @@ pub fn channel<E: Entry>(capacity: usize) -> Result<(Producer<E>, Consumer<E>), 
     check_config(E::WORDS, capacity as u64)?;
     let heap = Arc::new(HeapRing {
         indices: RingIndices::default(),
-        slots: (0..capacity * slot_words(E::WORDS))
-            .map(|_| AtomicU64::new(0))
-            .collect(),
+        slots: HeapSlots::new(capacity * slot_words(E::WORDS)),
     });
     let indices = NonNull::from(&heap.indices);
-    let slots = NonNull::from(&heap.slots[0]);
+    let slots = heap.slots.first();
     let owner: Arc<dyn Send + Sync> = heap;
     let mem = |owner| RingMemory::new(indices, slots, capacity as u64, E::WORDS, owner);
     Ok((Producer::new(mem(owner.clone())), Consumer::new(mem(owner))))

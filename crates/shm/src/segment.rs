@@ -653,12 +653,14 @@ impl Mapping {
         // SAFETY: a fresh shared mapping of `len` bytes of `fd` at an address
         // the kernel picks; it aliases no Rust object. The file is sealed
         // against shrinking, so every page stays backed while mapped.
+        // MAP_POPULATE faults every page in now, so no call on the fast path
+        // pays for a first touch.
         let ptr = unsafe {
             mmap(
                 std::ptr::null_mut(),
                 len,
                 ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
+                MapFlags::SHARED | MapFlags::POPULATE,
                 fd,
                 0,
             )?
