@@ -33,7 +33,7 @@ use shmesh_shm::descriptor::{CorruptDescriptor, Descriptor, Flags};
 use shmesh_shm::doorbell::{Doorbell, WaitMode, WaitPolicy, WaitTimedOut};
 use shmesh_shm::handle::{BadHandle, SlabHandle};
 use shmesh_shm::pool::{AllocError, ClassConfig, Pool, PoolConfig, PoolConfigError, PoolView};
-use shmesh_shm::ring::{Consumer, CorruptTail, PopError, Producer, PushError};
+use shmesh_shm::ring::{Consumer, CorruptTail, Entry, PopError, Producer, PushError};
 use shmesh_shm::segment::{CreateError, OpenError, RegionError, Segment, SegmentBuilder};
 use thiserror::Error;
 
@@ -297,44 +297,19 @@ fn pop_wait(
     }
 }
 
-/// Pushes one descriptor, spinning while the ring is full (the peer drains it
-/// without waiting on us), until `deadline`.
-fn push_wait(
-    tx: &mut Producer<Descriptor>,
-    mut d: Descriptor,
-    deadline: Option<Instant>,
-) -> Result<(), PingPongError> {
+/// Pushes one entry, yielding while the ring is full (the peer drains it
+/// without waiting on us), until `deadline`. Return rings are twice as deep
+/// as request rings, so they fill only if the peer stops draining them.
+fn push_wait<E: Entry>(tx: &mut Producer<E>, entry: E, deadline: Option<Instant>) -> Result<(), PingPongError> {
+    let mut entry = entry;
     loop {
-        match tx.try_push(d) {
+        match tx.try_push(entry) {
             Ok(()) => return Ok(()),
             Err(PushError::Full(back)) => {
                 if deadline.is_some_and(|t| Instant::now() >= t) {
                     return Err(PingPongError::RingFull);
                 }
-                d = back;
-                std::thread::yield_now();
-            }
-            Err(PushError::Corrupt(e)) => return Err(e.into()),
-        }
-    }
-}
-
-/// Pushes returned handles, which cannot be lost: the return ring is twice
-/// the request ring, so it only fills if the peer stops draining it.
-fn push_return(
-    tx: &mut Producer<SlabHandle>,
-    h: SlabHandle,
-    deadline: Option<Instant>,
-) -> Result<(), PingPongError> {
-    let mut h = h;
-    loop {
-        match tx.try_push(h) {
-            Ok(()) => return Ok(()),
-            Err(PushError::Full(back)) => {
-                if deadline.is_some_and(|t| Instant::now() >= t) {
-                    return Err(PingPongError::RingFull);
-                }
-                h = back;
+                entry = back;
                 std::thread::yield_now();
             }
             Err(PushError::Corrupt(e)) => return Err(e.into()),
@@ -590,7 +565,7 @@ impl Client {
         if d.flags.contains(Flags::PAYLOAD) {
             let bytes = self.peer_pool.read(d.payload, d.len.into())?;
             check_payload(bytes, d.call_id, RESPONSE_SALT, d.aux)?;
-            push_return(&mut self.returns_out, d.payload, deadline)?;
+            push_wait(&mut self.returns_out, d.payload, deadline)?;
         }
         self.next_response += 1;
         Ok(d.call_id)

@@ -15,7 +15,7 @@ use shmesh_shm::segment::Segment;
 
 use crate::{
     METHOD_SHUTDOWN, PingPongError, REQUEST_SALT, RESPONSE_SALT, WaitLimit, check_payload,
-    checksum, drain_returns, fill_payload, floor, pop_wait, push_return, push_wait, tags,
+    checksum, drain_returns, fill_payload, floor, pop_wait, push_wait, tags,
 };
 
 /// Arguments the parent passes to its peer (see [`crate::spawn_peer`]).
@@ -203,7 +203,7 @@ pub fn serve(
             response.payload = slab.send();
             // Give the request's slab back before answering, so the parent
             // finds it on its return ring by the time it sees the response.
-            push_return(&mut returns_out, d.payload, None)?;
+            push_wait(&mut returns_out, d.payload, None)?;
         }
         push_wait(&mut responses, response, None)?;
         response_bell.notify();
