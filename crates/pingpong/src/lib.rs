@@ -300,7 +300,11 @@ fn pop_wait(
 /// Pushes one entry, yielding while the ring is full (the peer drains it
 /// without waiting on us), until `deadline`. Return rings are twice as deep
 /// as request rings, so they fill only if the peer stops draining them.
-fn push_wait<E: Entry>(tx: &mut Producer<E>, entry: E, deadline: Option<Instant>) -> Result<(), PingPongError> {
+fn push_wait<E: Entry>(
+    tx: &mut Producer<E>,
+    entry: E,
+    deadline: Option<Instant>,
+) -> Result<(), PingPongError> {
     let mut entry = entry;
     loop {
         match tx.try_push(entry) {

@@ -118,8 +118,14 @@ fn main() {
     let rows: [(&str, f64); 4] = [
         ("one line, both directions (floor)", floor),
         ("one line per direction, no ring", best(&two_lines)),
-        ("rings of 2-word handles", best(&|| rings(SlabHandle::default()))),
-        ("rings of 7-word descriptors", best(&|| rings(Descriptor::default()))),
+        (
+            "rings of 2-word handles",
+            best(&|| rings(SlabHandle::default())),
+        ),
+        (
+            "rings of 7-word descriptors",
+            best(&|| rings(Descriptor::default())),
+        ),
     ];
     for (name, ns) in rows {
         println!("{name:<36} {ns:>7.0} ns  {:>4.1}x floor", ns / floor);
