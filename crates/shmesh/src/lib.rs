@@ -47,8 +47,13 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod client;
+pub mod deadline;
 pub mod handshake;
+pub mod layout;
+pub mod server;
 pub mod socket;
+pub mod status;
 
 pub use addr::{Address, AddressError};
 pub use handshake::{

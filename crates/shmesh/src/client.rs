@@ -1,0 +1,554 @@
+//! The blocking client: a [`Channel`] to one server, shared by many threads.
+//!
+//! Many calls may be in flight on one channel. Requests go out under a short
+//! lock on the request ring. Responses come back out of order, matched by
+//! call id, and are collected leader/follower style: whichever waiting
+//! caller holds the response ring pops everything there is, keeps its own
+//! answer, hands the others to their callers and wakes them; a caller whose
+//! answer is not in yet parks until it is handed over or it becomes the
+//! leader. Only the leader waits on the shared-memory doorbell, so a busy
+//! channel makes no system call.
+//!
+//! The Unix socket stays open as the liveness signal: a watcher thread blocks
+//! on it, and when the server dies the socket closes, the channel is marked
+//! dead and every caller in flight gets [`Code::Unavailable`] at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use shmesh_shm::descriptor::{Descriptor, Flags};
+use shmesh_shm::doorbell::{WaitPolicy, WaitTimedOut};
+use shmesh_shm::pool::AllocError;
+use shmesh_shm::ring::PushError;
+use shmesh_shm::segment::Segment;
+use thiserror::Error;
+
+use crate::deadline;
+use crate::handshake::{FdRole, Hello, Limits, PROTOCOL_VERSION, SchemaHash, ServiceName};
+use crate::layout::{self, ClientEnds, LayoutError};
+use crate::socket::{self, ConnectError, Connection};
+use crate::status::{Code, Status};
+use crate::{Address, AddressError};
+
+/// How often a waiting caller re-checks liveness and its deadline when
+/// nothing wakes it.
+const LIVENESS_SLICE: Duration = Duration::from_millis(20);
+
+/// Options of a [`Channel`].
+#[derive(Debug, Clone)]
+pub struct ChannelOptions {
+    /// The service to connect to; must match the server's.
+    pub service: String,
+    /// Hash of the service's schema; must match the server's.
+    pub schema_hash: SchemaHash,
+    /// What to ask the server for (it may grant less).
+    pub limits: Limits,
+    /// How long connecting and the handshake may take.
+    pub connect_timeout: Duration,
+}
+
+impl ChannelOptions {
+    /// Default limits for `service` with schema `schema_hash`.
+    pub fn new(service: impl Into<String>, schema_hash: SchemaHash) -> Self {
+        ChannelOptions {
+            service: service.into(),
+            schema_hash,
+            limits: Limits::default(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Connecting a channel failed.
+#[derive(Debug, Error)]
+pub enum ChannelError {
+    /// The address does not parse.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The service name is not valid.
+    #[error("invalid service name: {0}")]
+    Service(#[from] crate::handshake::ServiceNameError),
+    /// Setting the socket's timeout failed.
+    #[error("cannot set the socket's timeout: {0}")]
+    Socket(std::io::Error),
+    /// Connecting or the handshake failed (refusals included).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The server sent no segment.
+    #[error("server sent no shared-memory segment in its Welcome")]
+    NoSegment,
+    /// The segment the server sent is unusable.
+    #[error("cannot open the connection's segment: {0}")]
+    Segment(#[from] shmesh_shm::segment::OpenError),
+    /// The segment does not hold what a connection needs.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The watcher thread could not start.
+    #[error("cannot start the liveness watcher: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Where a call's answer is.
+enum Pending {
+    /// The caller is waiting; wake this thread when the answer is in.
+    Waiting(Thread),
+    /// The answer arrived while its caller was not reading.
+    Done(Descriptor),
+}
+
+struct Inner {
+    ends_send: Mutex<SendSide>,
+    ends_recv: Mutex<shmesh_shm::ring::Consumer<Descriptor>>,
+    returned: Mutex<shmesh_shm::ring::Consumer<shmesh_shm::handle::SlabHandle>>,
+    give_back: Mutex<shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>>,
+    pool: shmesh_shm::pool::Pool,
+    peer_pool: shmesh_shm::pool::PoolView,
+    server_bell: shmesh_shm::doorbell::Doorbell,
+    client_bell: shmesh_shm::doorbell::Doorbell,
+    policy: WaitPolicy,
+    max_message: u64,
+    next_call: AtomicU64,
+    pending: Mutex<HashMap<u64, Pending>>,
+    dead: AtomicBool,
+    /// Why the channel died, once it has.
+    death: Mutex<Option<String>>,
+    /// The socket, shut down when the last clone of the channel goes, so the
+    /// watcher thread ends and the server sees the connection close.
+    socket: std::os::fd::OwnedFd,
+    _segment: Arc<Segment>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = rustix::net::shutdown(&self.socket, rustix::net::Shutdown::Both);
+    }
+}
+
+struct SendSide {
+    requests: shmesh_shm::ring::Producer<Descriptor>,
+}
+
+/// A connection to a shmesh server, for blocking calls from any number of
+/// threads. Cheap to clone; all clones share the connection.
+#[derive(Clone)]
+pub struct Channel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("dead", &self.inner.dead.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A response in shared memory: derefs to its bytes, read in place, and gives
+/// its slab back to the server when dropped.
+pub struct Response {
+    inner: Arc<Inner>,
+    descriptor: Descriptor,
+}
+
+impl std::ops::Deref for Response {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        if !self.descriptor.flags.contains(Flags::PAYLOAD) {
+            return &[];
+        }
+        // Checked when the response was accepted in `finish`.
+        self.inner
+            .peer_pool
+            .read(self.descriptor.payload, self.descriptor.len.into())
+            .unwrap_or(&[])
+    }
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Drop for Response {
+    fn drop(&mut self) {
+        if self.descriptor.flags.contains(Flags::PAYLOAD) {
+            self.inner.give_back_slab(self.descriptor.payload);
+        }
+    }
+}
+
+impl Channel {
+    /// Connects to the server at `address` (`shm:///path` or `shm://@name`).
+    pub fn connect(address: &str, options: &ChannelOptions) -> Result<Channel, ChannelError> {
+        let address: Address = address.parse()?;
+        let mut conn = socket::connect(&address)?;
+        conn.set_read_timeout(Some(options.connect_timeout))
+            .map_err(ChannelError::Socket)?;
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            service: ServiceName::new(options.service.clone())?,
+            schema_hash: options.schema_hash,
+            requested: options.limits.clone(),
+        };
+        let (welcome, fds) = socket::client_handshake(&mut conn, &hello)?;
+        let segment_fd = welcome
+            .fds
+            .as_slice()
+            .iter()
+            .zip(fds)
+            .find(|(role, _)| **role == FdRole::Segment)
+            .map(|(_, fd)| fd)
+            .ok_or(ChannelError::NoSegment)?;
+        let segment = Segment::open(segment_fd)?;
+        let ends = ClientEnds::open(&segment)?;
+        let socket = std::os::fd::AsFd::as_fd(&conn)
+            .try_clone_to_owned()
+            .map_err(ChannelError::Socket)?;
+        let inner = Arc::new(Inner {
+            ends_send: Mutex::new(SendSide {
+                requests: ends.requests,
+            }),
+            ends_recv: Mutex::new(ends.responses),
+            returned: Mutex::new(ends.returned),
+            give_back: Mutex::new(ends.give_back),
+            pool: ends.pool,
+            peer_pool: ends.peer_pool,
+            server_bell: ends.server_bell,
+            client_bell: ends.client_bell,
+            policy: layout::wait_policy(&welcome.granted),
+            max_message: welcome.granted.max_message,
+            next_call: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            death: Mutex::new(None),
+            socket,
+            _segment: segment,
+        });
+        conn.set_read_timeout(None).map_err(ChannelError::Socket)?;
+        let watched = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("shmesh-liveness".into())
+            .spawn(move || watch(conn, watched))
+            .map_err(ChannelError::Thread)?;
+        Ok(Channel { inner })
+    }
+
+    /// Calls `method` with `request`, copied into shared memory, and waits up
+    /// to `timeout` for the response.
+    pub fn call(
+        &self,
+        method: u32,
+        request: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
+        self.inner.call(method, request, timeout)
+    }
+
+    /// Whether the connection is gone (the server died or closed it).
+    pub fn is_dead(&self) -> bool {
+        self.inner.dead.load(Ordering::Acquire)
+    }
+
+    /// Slabs of this channel's request pool in use (leak checks).
+    pub fn pool_in_use(&self) -> u64 {
+        self.inner.pool.occupancy().in_use()
+    }
+}
+
+/// Blocks on the socket until it closes, then marks the channel dead and
+/// wakes everyone. The server never sends anything after the handshake.
+fn watch(mut conn: Connection, inner: std::sync::Weak<Inner>) {
+    let why = match conn.recv_msg(0) {
+        Ok(_) => "server sent an unexpected message after the handshake".to_owned(),
+        Err(e) => format!("connection to the server lost: {e}"),
+    };
+    if let Some(inner) = inner.upgrade() {
+        inner.kill(why);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    fn kill(&self, why: String) {
+        lock(&self.death).get_or_insert(why);
+        // Release: pairs with the Acquire loads of waiters.
+        self.dead.store(true, Ordering::Release);
+        self.client_bell.notify();
+        for p in lock(&self.pending).values() {
+            if let Pending::Waiting(t) = p {
+                t.unpark();
+            }
+        }
+    }
+
+    fn unavailable(&self) -> Status {
+        let why = lock(&self.death)
+            .clone()
+            .unwrap_or_else(|| "connection is dead".to_owned());
+        Status::unavailable(why)
+    }
+
+    fn give_back_slab(&self, handle: shmesh_shm::handle::SlabHandle) {
+        if self.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let mut ring = lock(&self.give_back);
+        // The return ring is twice the response ring's depth, so it is full
+        // only if the server stopped draining it; then the slab stays with us
+        // until the connection ends (the server reclaims it).
+        let _ = ring.try_push(handle);
+    }
+
+    fn drain_returned(&self) -> Result<(), Status> {
+        let Ok(mut ring) = self.returned.try_lock() else {
+            return Ok(());
+        };
+        loop {
+            match ring.try_pop() {
+                Ok(Some(h)) => {
+                    if let Err(e) = self.pool.release_returned(h) {
+                        return Err(self.broken(format!("server returned a bad slab handle: {e}")));
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.broken(format!("return ring corrupt: {e}"))),
+            }
+        }
+    }
+
+    fn broken(&self, why: String) -> Status {
+        self.kill(why);
+        self.unavailable()
+    }
+
+    fn call(
+        self: &Arc<Self>,
+        method: u32,
+        request: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(self.unavailable());
+        }
+        if request.len() as u64 > self.max_message {
+            return Err(Status::resource_exhausted(format!(
+                "request of {} bytes exceeds the connection's limit of {} bytes",
+                request.len(),
+                self.max_message
+            )));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let call_id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        let mut d = Descriptor {
+            call_id,
+            method_id: method,
+            deadline_ns: deadline::to_wire(timeout),
+            ..Default::default()
+        };
+        if !request.is_empty() {
+            let mut slab = self.alloc(request.len(), deadline)?;
+            slab[..request.len()].copy_from_slice(request);
+            d.len = request.len() as u32;
+            d.flags = Flags::PAYLOAD;
+            d.payload = slab.send();
+        }
+        lock(&self.pending).insert(call_id, Pending::Waiting(std::thread::current()));
+        if let Err(status) = self.push_request(d, deadline) {
+            lock(&self.pending).remove(&call_id);
+            if d.flags.contains(Flags::PAYLOAD) {
+                // Never published: the slab is still ours; take it back as
+                // if the server had returned it.
+                let _ = self.pool.release_returned(d.payload);
+            }
+            return Err(status);
+        }
+        self.server_bell.notify();
+        let answer = self.wait_for(call_id, deadline);
+        if answer.is_err() {
+            lock(&self.pending).remove(&call_id);
+        }
+        self.finish(answer?)
+    }
+
+    fn alloc(
+        &self,
+        len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<shmesh_shm::pool::SlabMut<'_>, Status> {
+        loop {
+            match self.pool.alloc(len) {
+                Ok(slab) => return Ok(slab),
+                Err(AllocError::Exhausted { .. }) => {
+                    self.drain_returned()?;
+                    if let Ok(slab) = self.pool.alloc(len) {
+                        return Ok(slab);
+                    }
+                    if self.dead.load(Ordering::Acquire) {
+                        return Err(self.unavailable());
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(Status::deadline_exceeded(
+                            "no free slab before the deadline (pool exhausted)",
+                        ));
+                    }
+                    std::thread::yield_now();
+                }
+                Err(e @ AllocError::TooLarge { .. }) => {
+                    return Err(Status::resource_exhausted(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn push_request(&self, d: Descriptor, deadline: Option<Instant>) -> Result<(), Status> {
+        let mut d = d;
+        loop {
+            let pushed = lock(&self.ends_send).requests.try_push(d);
+            match pushed {
+                Ok(()) => return Ok(()),
+                Err(PushError::Full(back)) => {
+                    d = back;
+                    if self.dead.load(Ordering::Acquire) {
+                        return Err(self.unavailable());
+                    }
+                    if deadline.is_some_and(|t| Instant::now() >= t) {
+                        return Err(Status::deadline_exceeded(
+                            "request ring stayed full until the deadline",
+                        ));
+                    }
+                    std::thread::yield_now();
+                }
+                Err(PushError::Corrupt(e)) => {
+                    return Err(self.broken(format!("request ring corrupt: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Waits for call `call_id`'s response descriptor.
+    fn wait_for(&self, call_id: u64, deadline: Option<Instant>) -> Result<Descriptor, Status> {
+        loop {
+            if let Some(Pending::Done(d)) = take_if_done(&mut lock(&self.pending), call_id) {
+                return Ok(d);
+            }
+            if self.dead.load(Ordering::Acquire) {
+                return Err(self.unavailable());
+            }
+            if deadline.is_some_and(|t| Instant::now() >= t) {
+                return Err(Status::deadline_exceeded("no response before the deadline"));
+            }
+            match self.ends_recv.try_lock() {
+                Ok(mut ring) => {
+                    if let Some(d) = self.lead(&mut ring, call_id, deadline)? {
+                        drop(ring);
+                        self.promote_a_follower();
+                        return Ok(d);
+                    }
+                }
+                Err(_) => std::thread::park_timeout(LIVENESS_SLICE),
+            }
+        }
+    }
+
+    /// As the leader: pops responses, hands out others', returns ours if in.
+    /// Waits on the doorbell for at most one liveness slice.
+    fn lead(
+        &self,
+        ring: &mut shmesh_shm::ring::Consumer<Descriptor>,
+        call_id: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Descriptor>, Status> {
+        let mut mine = None;
+        loop {
+            match ring.try_pop() {
+                Ok(Some(d)) if d.call_id == call_id => mine = Some(d),
+                Ok(Some(d)) => self.hand_over(d),
+                Ok(None) => break,
+                Err(e) => return Err(self.broken(format!("response ring corrupt: {e}"))),
+            }
+        }
+        if mine.is_some() {
+            return Ok(mine);
+        }
+        let slice = match deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(LIVENESS_SLICE),
+            None => LIVENESS_SLICE,
+        };
+        let dead = &self.dead;
+        // Timing out is fine: the caller re-checks liveness and its deadline.
+        let _: Result<(), WaitTimedOut> = self.client_bell.wait_for(self.policy, slice, || {
+            ring.has_pending_hint() || dead.load(Ordering::Acquire)
+        });
+        Ok(None)
+    }
+
+    /// Delivers a response that belongs to another caller.
+    fn hand_over(&self, d: Descriptor) {
+        let mut pending = lock(&self.pending);
+        match pending.get_mut(&d.call_id) {
+            Some(p @ Pending::Waiting(_)) => {
+                if let Pending::Waiting(t) = std::mem::replace(p, Pending::Done(d)) {
+                    t.unpark();
+                }
+            }
+            // A caller that gave up (deadline) or an id we never used: the
+            // answer has nobody to go to; give its slab back.
+            _ => {
+                drop(pending);
+                if d.flags.contains(Flags::PAYLOAD) {
+                    self.give_back_slab(d.payload);
+                }
+            }
+        }
+    }
+
+    /// Wakes one waiting caller so it takes over reading responses.
+    fn promote_a_follower(&self) {
+        if let Some(Pending::Waiting(t)) = lock(&self.pending)
+            .values()
+            .find(|p| matches!(p, Pending::Waiting(_)))
+        {
+            t.unpark();
+        }
+    }
+
+    /// Turns a response descriptor into the caller's result.
+    fn finish(self: &Arc<Self>, d: Descriptor) -> Result<Response, Status> {
+        if d.flags.contains(Flags::PAYLOAD)
+            && let Err(e) = self.peer_pool.read(d.payload, d.len.into())
+        {
+            return Err(self.broken(format!("server sent a bad response handle: {e}")));
+        }
+        let response = Response {
+            inner: self.clone(),
+            descriptor: d,
+        };
+        if d.flags.contains(Flags::STATUS) && d.status != Code::Ok as u32 {
+            let status = Status::decode(d.status, &response[..]).unwrap_or_else(|e| {
+                Status::internal(format!("undecodable status from server: {e}"))
+            });
+            return Err(status);
+        }
+        Ok(response)
+    }
+}
+
+fn take_if_done(pending: &mut HashMap<u64, Pending>, call_id: u64) -> Option<Pending> {
+    if matches!(pending.get(&call_id), Some(Pending::Done(_))) {
+        pending.remove(&call_id)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,515 @@
+//! The blocking server: accepts connections, gives each its own segment, and
+//! serves its calls on a thread of its own.
+//!
+//! A handler sees the request's bytes in place in shared memory, the
+//! caller's credentials and the time left before the caller's deadline, and
+//! returns the response bytes or a [`Status`]. A connection whose peer
+//! breaks the protocol (a corrupt ring, a forged handle) is closed with a
+//! logged error; the server keeps serving everyone else. A client that dies
+//! is noticed when its socket closes, and its connection, segment and slabs
+//! go with it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use shmesh_shm::descriptor::{Descriptor, Flags};
+use shmesh_shm::pool::AllocError;
+use shmesh_shm::ring::PushError;
+use shmesh_shm::segment::Segment;
+use thiserror::Error;
+
+use crate::deadline;
+use crate::handshake::{FdRole, Limits, SchemaHash, ServerPolicy, ServiceName, ServiceNameError};
+use crate::layout::{self, LayoutError, ServerEnds};
+use crate::socket::{self, Connection, Listener, PeerCredentials};
+use crate::status::{Code, Status};
+use crate::{Address, AddressError, BindError};
+
+/// How often an idle connection re-checks liveness and shutdown.
+const LIVENESS_SLICE: Duration = Duration::from_millis(20);
+/// How long a client may take to say Hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One incoming call, as a handler sees it.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The method called.
+    pub method: u32,
+    /// The request's bytes, in place in shared memory.
+    pub payload: &'a [u8],
+    /// Who called: from `SO_PEERCRED` at connect time.
+    pub peer: PeerCredentials,
+    /// Time left before the caller's deadline, if it set one.
+    pub remaining: Option<Duration>,
+}
+
+/// A method's handler.
+pub type Handler = dyn Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync;
+
+/// Handlers by method id.
+#[derive(Default)]
+pub struct Router {
+    handlers: HashMap<u32, Box<Handler>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("methods", &self.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Router {
+    /// An empty router: every method answers `Unimplemented`.
+    pub fn new() -> Self {
+        Router::default()
+    }
+
+    /// Serves `method` with `handler` (replacing any earlier handler).
+    pub fn route(
+        mut self,
+        method: u32,
+        handler: impl Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers.insert(method, Box::new(handler));
+        self
+    }
+
+    fn dispatch(&self, request: &Request<'_>) -> Result<Vec<u8>, Status> {
+        match self.handlers.get(&request.method) {
+            Some(h) => h(request),
+            None => Err(Status::unimplemented(format!(
+                "method {} is not served here",
+                request.method
+            ))),
+        }
+    }
+}
+
+/// Starting the server failed.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The address does not parse.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The service name is not valid.
+    #[error("invalid service name: {0}")]
+    Service(#[from] ServiceNameError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// A server for one service at one address.
+pub struct Server {
+    listener: Listener,
+    policy: ServerPolicy,
+    router: Arc<Router>,
+    shutdown: Arc<AtomicBool>,
+    next_connection: AtomicU64,
+    live: Arc<AtomicU64>,
+}
+
+/// Stops a running [`Server::serve`] from another thread.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    shutdown: Arc<AtomicBool>,
+    address: Address,
+}
+
+impl ShutdownHandle {
+    /// Stops accepting; connections finish the calls already sent, then close.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        // Wake the accept loop with a connection it will drop at once.
+        let _ = socket::connect(&self.address);
+    }
+}
+
+impl Server {
+    /// Binds `address` for `service` with schema `schema_hash`.
+    pub fn bind(
+        address: &str,
+        service: &str,
+        schema_hash: SchemaHash,
+        router: Router,
+    ) -> Result<Server, ServerError> {
+        let address: Address = address.parse()?;
+        let policy = ServerPolicy::new(ServiceName::new(service)?, schema_hash);
+        Ok(Server {
+            listener: Listener::bind(&address)?,
+            policy,
+            router: Arc::new(router),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            next_connection: AtomicU64::new(1),
+            live: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The most a client may be granted (defaults to [`Limits::default`]).
+    pub fn set_max_limits(&mut self, max: Limits) {
+        self.policy.max = max;
+    }
+
+    /// A handle to stop [`Server::serve`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            shutdown: self.shutdown.clone(),
+            address: self.listener.address().clone(),
+        }
+    }
+
+    /// Connections being served now.
+    pub fn live_connections(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Accepts and serves connections until shut down; then waits for the
+    /// connections to finish their calls.
+    pub fn serve(&self) {
+        let mut workers = Vec::new();
+        while !self.shutdown.load(Ordering::Acquire) {
+            let conn = match self.listener.accept() {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            if self.shutdown.load(Ordering::Acquire) {
+                break;
+            }
+            let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+            let (policy, router, shutdown, live) = (
+                self.policy.clone(),
+                self.router.clone(),
+                self.shutdown.clone(),
+                self.live.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("shmesh-conn-{id}"))
+                .spawn(move || {
+                    live.fetch_add(1, Ordering::AcqRel);
+                    if let Err(e) = serve_connection(conn, id, &policy, &router, &shutdown) {
+                        tracing::warn!(connection = id, "connection closed: {e}");
+                    }
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(e) => tracing::error!("cannot start a connection thread: {e}"),
+            }
+            workers.retain(|w| !w.is_finished());
+        }
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Why one connection ended badly.
+#[derive(Debug, Error)]
+enum ConnectionError {
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("connection segment: {0}")]
+    Layout(#[from] LayoutError),
+    #[error("client broke the protocol: {0}")]
+    Protocol(String),
+    #[error("cannot start the liveness watcher: {0}")]
+    Thread(std::io::Error),
+}
+
+fn serve_connection(
+    mut conn: Connection,
+    id: u64,
+    policy: &ServerPolicy,
+    router: &Router,
+    shutdown: &AtomicBool,
+) -> Result<(), ConnectionError> {
+    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
+    let mut made: Option<Arc<Segment>> = None;
+    let accepted = socket::server_handshake(&mut conn, policy, id, |limits| {
+        let segment = layout::create(id as u32, limits)?;
+        let fd: OwnedFd = segment.fd().try_clone_to_owned().map_err(|e| {
+            LayoutError::Create(shmesh_shm::segment::CreateError::System {
+                step: "share",
+                source: e,
+            })
+        })?;
+        made = Some(segment);
+        Ok::<_, LayoutError>(vec![(FdRole::Segment, fd)])
+    })
+    .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
+    let Some(segment) = made else {
+        return Err(ConnectionError::Handshake("no segment was made".into()));
+    };
+    let peer = accepted.peer;
+    let granted = accepted.welcome.granted.clone();
+    tracing::debug!(
+        connection = id,
+        pid = peer.pid,
+        uid = peer.uid,
+        "client connected"
+    );
+    let mut ends = ServerEnds::open(&segment)?;
+    let policy_wait = layout::wait_policy(&granted);
+
+    // The socket is the liveness signal: it closes when the client dies.
+    let dead = Arc::new(AtomicBool::new(false));
+    conn.set_read_timeout(None)
+        .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
+    let watcher_conn = conn
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(ConnectionError::Thread)?;
+    {
+        let dead = dead.clone();
+        let bell_segment = segment.clone();
+        std::thread::Builder::new()
+            .name(format!("shmesh-watch-{id}"))
+            .spawn(move || {
+                let mut conn = Connection::from(std::os::unix::net::UnixStream::from(watcher_conn));
+                let _ = conn.recv_msg(0);
+                dead.store(true, Ordering::Release);
+                if let Ok(bell) = layout::server_bell(&bell_segment) {
+                    bell.notify();
+                }
+            })
+            .map_err(ConnectionError::Thread)?;
+    }
+
+    let result = call_loop(&mut ends, router, &peer, policy_wait, &dead, shutdown);
+    // Shut the socket down rather than only close it: the watcher holds a
+    // duplicate of it, and both must see the end. The client learns we are
+    // gone.
+    let _ = rustix::net::shutdown(&conn, rustix::net::Shutdown::Both);
+    result
+}
+
+fn call_loop(
+    ends: &mut ServerEnds,
+    router: &Router,
+    peer: &PeerCredentials,
+    policy: shmesh_shm::doorbell::WaitPolicy,
+    dead: &AtomicBool,
+    shutdown: &AtomicBool,
+) -> Result<(), ConnectionError> {
+    loop {
+        let request = match ends.requests.try_pop() {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                if dead.load(Ordering::Acquire) || shutdown.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let requests = &ends.requests;
+                let _ = ends.server_bell.wait_for(policy, LIVENESS_SLICE, || {
+                    requests.has_pending_hint()
+                        || dead.load(Ordering::Acquire)
+                        || shutdown.load(Ordering::Acquire)
+                });
+                continue;
+            }
+            Err(e) => return Err(ConnectionError::Protocol(format!("request ring: {e}"))),
+        };
+        serve_one(ends, router, peer, request, dead)?;
+    }
+}
+
+fn serve_one(
+    ends: &mut ServerEnds,
+    router: &Router,
+    peer: &PeerCredentials,
+    d: Descriptor,
+    dead: &AtomicBool,
+) -> Result<(), ConnectionError> {
+    let payload: &[u8] = if d.flags.contains(Flags::PAYLOAD) {
+        ends.peer_pool
+            .read(d.payload, d.len.into())
+            .map_err(|e| ConnectionError::Protocol(format!("call {}: {e}", d.call_id)))?
+    } else {
+        &[]
+    };
+    let remaining = deadline::remaining(d.deadline_ns);
+    let result = if remaining.is_some_and(|r| r.is_zero()) {
+        Err(Status::deadline_exceeded(
+            "deadline passed before the server started the call",
+        ))
+    } else {
+        let request = Request {
+            method: d.method_id,
+            payload,
+            peer: *peer,
+            remaining,
+        };
+        router.dispatch(&request)
+    };
+    if d.flags.contains(Flags::PAYLOAD) {
+        push_retrying(&mut ends.give_back, d.payload, dead)?;
+    }
+    let mut response = Descriptor {
+        call_id: d.call_id,
+        method_id: d.method_id,
+        flags: Flags::END,
+        ..Default::default()
+    };
+    match result {
+        Ok(bytes) if bytes.is_empty() => {}
+        Ok(bytes) => {
+            let Some(mut slab) = alloc_retrying(ends, bytes.len(), dead, &mut response)? else {
+                return send_response(ends, response, dead);
+            };
+            slab[..bytes.len()].copy_from_slice(&bytes);
+            response.flags = response.flags | Flags::PAYLOAD;
+            response.len = bytes.len() as u32;
+            response.payload = slab.send();
+        }
+        Err(status) => {
+            response.flags = response.flags | Flags::STATUS;
+            response.status = status.code() as u32;
+            let len = status.encoded_len();
+            if let Some(mut slab) = alloc_retrying(ends, len, dead, &mut response)?
+                && let Ok(n) = status.encode_into(&mut slab)
+            {
+                response.flags = response.flags | Flags::PAYLOAD;
+                response.len = n as u32;
+                response.payload = slab.send();
+            }
+        }
+    }
+    send_response(ends, response, dead)
+}
+
+/// A slab for a response of `len` bytes, waiting for the client to give
+/// slabs back while the pool is exhausted. A response too large for any slab
+/// becomes a `ResourceExhausted` status (written into `response`, no slab).
+fn alloc_retrying<'p>(
+    ends: &'p ServerEnds,
+    len: usize,
+    dead: &AtomicBool,
+    response: &mut Descriptor,
+) -> Result<Option<shmesh_shm::pool::SlabMut<'p>>, ConnectionError> {
+    loop {
+        match ends.pool.alloc(len) {
+            Ok(slab) => return Ok(Some(slab)),
+            Err(AllocError::Exhausted { .. }) => {
+                if dead.load(Ordering::Acquire) {
+                    return Err(ConnectionError::Protocol("client died".into()));
+                }
+                std::thread::yield_now();
+            }
+            Err(e @ AllocError::TooLarge { .. }) => {
+                response.flags = Flags::END | Flags::STATUS;
+                response.status = Code::ResourceExhausted as u32;
+                tracing::warn!("response dropped: {e}");
+                return Ok(None);
+            }
+        }
+    }
+}
+
+fn send_response(
+    ends: &mut ServerEnds,
+    response: Descriptor,
+    dead: &AtomicBool,
+) -> Result<(), ConnectionError> {
+    drain_returned(ends)?;
+    let mut response = response;
+    loop {
+        match ends.responses.try_push(response) {
+            Ok(()) => break,
+            Err(PushError::Full(back)) => {
+                if dead.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                response = back;
+                std::thread::yield_now();
+            }
+            Err(PushError::Corrupt(e)) => {
+                return Err(ConnectionError::Protocol(format!("response ring: {e}")));
+            }
+        }
+    }
+    ends.client_bell.notify();
+    Ok(())
+}
+
+fn drain_returned(ends: &mut ServerEnds) -> Result<(), ConnectionError> {
+    loop {
+        match ends.returned.try_pop() {
+            Ok(Some(h)) => ends
+                .pool
+                .release_returned(h)
+                .map_err(|e| ConnectionError::Protocol(format!("returned slab: {e}")))?,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(ConnectionError::Protocol(format!("return ring: {e}"))),
+        }
+    }
+}
+
+fn push_retrying(
+    ring: &mut shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>,
+    handle: shmesh_shm::handle::SlabHandle,
+    dead: &AtomicBool,
+) -> Result<(), ConnectionError> {
+    let mut handle = handle;
+    loop {
+        match ring.try_push(handle) {
+            Ok(()) => return Ok(()),
+            Err(PushError::Full(back)) => {
+                if dead.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                handle = back;
+                std::thread::yield_now();
+            }
+            Err(PushError::Corrupt(e)) => {
+                return Err(ConnectionError::Protocol(format!("return ring: {e}")));
+            }
+        }
+    }
+}
+
+/// A server running on a thread of its own, for tests and examples: shut
+/// down and joined on drop.
+pub struct BackgroundServer {
+    handle: ShutdownHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+    live: Arc<AtomicU64>,
+}
+
+impl BackgroundServer {
+    /// Runs `server` on a new thread.
+    pub fn spawn(server: Server) -> std::io::Result<Self> {
+        let handle = server.shutdown_handle();
+        let live = server.live.clone();
+        let thread = std::thread::Builder::new()
+            .name("shmesh-server".into())
+            .spawn(move || server.serve())?;
+        Ok(BackgroundServer {
+            handle,
+            thread: Some(thread),
+            live,
+        })
+    }
+
+    /// Connections being served now.
+    pub fn live_connections(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for BackgroundServer {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Unary calls over shared memory, client and server in one process (the
+//! server on its own threads): many callers, statuses, deadlines, limits.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use shmesh::SchemaHash;
+use shmesh::client::{Channel, ChannelOptions};
+use shmesh::server::{BackgroundServer, Router, Server};
+use shmesh::status::{Code, Status};
+
+const ECHO: u32 = 1;
+const FAIL: u32 = 2;
+const SLOW: u32 = 3;
+const WHO: u32 = 4;
+const SCHEMA: SchemaHash = SchemaHash([7; 32]);
+
+fn address(test: &str) -> String {
+    format!("shm://@shmesh-test-{test}-{}", std::process::id())
+}
+
+fn start(test: &str) -> (BackgroundServer, String) {
+    let addr = address(test);
+    let router = Router::new()
+        .route(ECHO, |r| Ok(r.payload.to_vec()))
+        .route(FAIL, |r| {
+            Err(
+                Status::new(Code::FailedPrecondition, String::from_utf8_lossy(r.payload))
+                    .with_details(vec![1, 2, 3]),
+            )
+        })
+        .route(SLOW, |r| {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(format!("{:?}", r.remaining.is_some()).into_bytes())
+        })
+        .route(WHO, |r| Ok(r.peer.pid.to_le_bytes().to_vec()));
+    let server = Server::bind(&addr, "test", SCHEMA, router).unwrap();
+    (BackgroundServer::spawn(server).unwrap(), addr)
+}
+
+fn connect(addr: &str) -> Channel {
+    Channel::connect(addr, &ChannelOptions::new("test", SCHEMA)).unwrap()
+}
+
+#[test]
+fn echo_from_many_threads_matches_every_response() {
+    let (_server, addr) = start("many");
+    let channel = connect(&addr);
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let channel = channel.clone();
+            std::thread::spawn(move || {
+                for i in 0..5_000u64 {
+                    let len = ((t * 7919 + i * 104729) % 3000) as usize;
+                    let request: Vec<u8> = (0..len).map(|k| (k as u64 ^ t ^ i) as u8).collect();
+                    let mut tagged = (t << 32 | i).to_le_bytes().to_vec();
+                    tagged.extend_from_slice(&request);
+                    let response = channel
+                        .call(ECHO, &tagged, Some(Duration::from_secs(30)))
+                        .unwrap();
+                    assert_eq!(&response[..], &tagged[..], "thread {t} call {i}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let empty = channel.call(ECHO, &[], None).unwrap();
+    assert!(empty.is_empty());
+}
+
+#[test]
+fn handler_status_reaches_the_caller() {
+    let (_server, addr) = start("status");
+    let channel = connect(&addr);
+    let err = channel.call(FAIL, b"no such thing", None).unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.message(), "no such thing");
+    assert_eq!(err.details(), &[1, 2, 3]);
+    let err = channel.call(99, b"", None).unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    // The channel still works after errors.
+    assert_eq!(&channel.call(ECHO, b"ok", None).unwrap()[..], b"ok");
+}
+
+#[test]
+fn deadlines_travel_and_expire() {
+    let (_server, addr) = start("deadline");
+    let channel = connect(&addr);
+    let err = channel
+        .call(SLOW, b"", Some(Duration::from_millis(20)))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    let ok = channel
+        .call(SLOW, b"", Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(&ok[..], b"true", "the server sees the deadline");
+    let ok = channel.call(SLOW, b"", None).unwrap();
+    assert_eq!(&ok[..], b"false");
+    // The late answer to the first call was discarded, its slab given back.
+    assert_eq!(&channel.call(ECHO, b"after", None).unwrap()[..], b"after");
+}
+
+#[test]
+fn oversize_request_is_resource_exhausted() {
+    let (_server, addr) = start("oversize");
+    let channel = connect(&addr);
+    let err = channel.call(ECHO, &vec![0; 2 << 20], None).unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("limit"), "{err}");
+}
+
+#[test]
+fn handlers_see_the_callers_pid() {
+    let (_server, addr) = start("who");
+    let channel = connect(&addr);
+    let pid = channel.call(WHO, b"", None).unwrap();
+    assert_eq!(
+        i32::from_le_bytes(pid[..4].try_into().unwrap()),
+        std::process::id() as i32
+    );
+}
+
+#[test]
+fn schema_mismatch_names_both_hashes() {
+    let (_server, addr) = start("schema");
+    let err =
+        Channel::connect(&addr, &ChannelOptions::new("test", SchemaHash([8; 32]))).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&"07".repeat(32)) && text.contains(&"08".repeat(32)),
+        "{text}"
+    );
+}
+
+#[test]
+fn server_shutdown_fails_calls_with_unavailable() {
+    let (server, addr) = start("shutdown");
+    let channel = connect(&addr);
+    assert_eq!(&channel.call(ECHO, b"x", None).unwrap()[..], b"x");
+    drop(server);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !channel.is_dead() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = channel
+        .call(ECHO, b"x", Some(Duration::from_secs(5)))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+}
