@@ -255,8 +255,11 @@ impl Channel {
         self.inner.dead.load(Ordering::Acquire)
     }
 
-    /// Slabs of this channel's request pool in use (leak checks).
+    /// Slabs of this channel's request pool in use, after taking back those
+    /// the server has returned (leak checks: 0 when no call is in flight).
     pub fn pool_in_use(&self) -> u64 {
+        // An error here means the channel just died; the count still stands.
+        let _ = self.inner.drain_returned();
         self.inner.pool.occupancy().in_use()
     }
 }
@@ -385,6 +388,10 @@ impl Inner {
         len: usize,
         deadline: Option<Instant>,
     ) -> Result<shmesh_shm::pool::SlabMut<'_>, Status> {
+        // Take back what the server returned before it can pile up: the
+        // return ring is smaller than the pool, and a server that finds it
+        // full waits for us. Cheap when it is empty (one load).
+        self.drain_returned()?;
         loop {
             match self.pool.alloc(len) {
                 Ok(slab) => return Ok(slab),

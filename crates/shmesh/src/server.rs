@@ -168,6 +168,12 @@ impl Server {
         self.live.load(Ordering::Acquire)
     }
 
+    /// The counter behind [`Server::live_connections`], to read from a
+    /// handler or another thread while [`Server::serve`] runs.
+    pub fn live_counter(&self) -> Arc<AtomicU64> {
+        self.live.clone()
+    }
+
     /// Accepts and serves connections until shut down; then waits for the
     /// connections to finish their calls.
     pub fn serve(&self) {
