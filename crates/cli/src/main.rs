@@ -35,6 +35,21 @@ enum Command {
     /// The peer process `demo` starts (internal).
     #[command(name = "__peer", hide = true)]
     Peer(PeerArgs),
+    /// The echo server `demo` starts (internal).
+    #[command(name = "__echo-server", hide = true)]
+    EchoServer {
+        /// Where to listen.
+        address: String,
+    },
+}
+
+/// What `demo` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Layer {
+    /// Unary calls through the shmesh RPC library (Channel and Server).
+    Rpc,
+    /// The bare shared-memory echo underneath (rings, pool, doorbells).
+    Ring,
 }
 
 #[derive(Debug, clap::Args)]
@@ -49,6 +64,9 @@ struct DemoArgs {
     #[arg(long, value_delimiter = ',', default_values = ["poll", "adaptive", "block"],
           value_parser = ["poll", "adaptive", "block"])]
     modes: Vec<String>,
+    /// What to measure: RPC calls, or the bare ring echo under them.
+    #[arg(long, value_enum, default_value_t = Layer::Rpc)]
+    layer: Layer,
     /// Spin budget of the adaptive mode, in microseconds.
     #[arg(long, default_value_t = DEFAULT_SPIN.as_micros() as u64)]
     spin_us: u64,
@@ -71,6 +89,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Peer(args) => shmesh_pingpong::peer::run(&args),
+        Command::EchoServer { address } => match echo_server(&address) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shmesh echo server: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo(args) => match demo(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -116,47 +141,165 @@ fn demo(args: &DemoArgs) -> Result<()> {
 
     bar.set_message("raw floor");
     rows.push(measure_floor(&exe, args.calls, warmup, &bar)?);
-    for &mode in &modes {
+    match args.layer {
+        Layer::Ring => measure_ring(args, &exe, &modes, max_size, warmup, &bar, &mut rows)?,
+        Layer::Rpc => measure_rpc(args, &exe, &modes, warmup, &bar, &mut rows)?,
+    }
+    bar.finish_and_clear();
+    print_table(&rows);
+    Ok(())
+}
+
+/// Records `calls` timed round trips of `call` into a row.
+fn timed(
+    label: &str,
+    size: usize,
+    calls: u64,
+    bar: &ProgressBar,
+    mut call: impl FnMut() -> Result<()>,
+) -> Result<Row> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
+    let start = Instant::now();
+    for i in 0..calls {
+        let t = Instant::now();
+        call().with_context(|| format!("call {i} failed"))?;
+        hist.saturating_record(t.elapsed().as_nanos() as u64);
+        if i % 256 == 0 {
+            bar.inc(256.min(calls - i));
+        }
+    }
+    Ok(Row {
+        label: label.to_owned(),
+        size,
+        hist,
+        elapsed: start.elapsed(),
+        calls,
+    })
+}
+
+fn measure_ring(
+    args: &DemoArgs,
+    exe: &std::path::Path,
+    modes: &[WaitMode],
+    max_size: usize,
+    warmup: u64,
+    bar: &ProgressBar,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    for &mode in modes {
         let mut config = PingPongConfig::new(mode, max_size).context("pool configuration")?;
         config.policy.spin = Duration::from_micros(args.spin_us);
-        let mut client = Client::spawn(&config, &exe, &["__peer"], PeerRole::Echo)
+        let mut client = Client::spawn(&config, exe, &["__peer"], PeerRole::Echo)
             .with_context(|| format!("cannot start the {} peer", mode_name(mode)))?;
         for &size in &args.sizes {
-            bar.set_message(format!("{} {}", mode_name(mode), human_size(size)));
-            let deadline = || Some(Instant::now() + Duration::from_secs(10));
+            bar.set_message(format!("ring {} {}", mode_name(mode), human_size(size)));
             for _ in 0..warmup {
                 client
-                    .call(size, deadline())
+                    .call(size, Some(Instant::now() + Duration::from_secs(10)))
                     .context("warm-up call failed")?;
                 bar.inc(1);
             }
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
-            let start = Instant::now();
-            for i in 0..args.calls {
-                let t = Instant::now();
-                client
-                    .call(size, deadline())
-                    .with_context(|| format!("call {i} failed"))?;
-                hist.saturating_record(t.elapsed().as_nanos() as u64);
-                if i % 256 == 0 {
-                    bar.inc(256.min(args.calls - i));
-                }
-            }
-            rows.push(Row {
-                label: mode_name(mode).to_owned(),
-                size,
-                hist,
-                elapsed: start.elapsed(),
-                calls: args.calls,
-            });
+            // No deadline on timed calls (it would cost a clock read per
+            // call): the client still notices a dead peer within 20 ms.
+            let label = format!("ring {}", mode_name(mode));
+            rows.push(timed(&label, size, args.calls, bar, || {
+                Ok(client.call(size, None)?)
+            })?);
         }
         let status = client.shutdown().context("peer did not shut down")?;
         if let Some(status) = status.filter(|s| !s.success()) {
             bail!("the {} peer failed: {status}", mode_name(mode));
         }
     }
-    bar.finish_and_clear();
-    print_table(&rows);
+    Ok(())
+}
+
+/// The demo's echo service.
+const DEMO_SERVICE: &str = "shmesh-demo-echo";
+const DEMO_SCHEMA: shmesh::SchemaHash = shmesh::SchemaHash(*b"shmesh demo echo service, v1....");
+const DEMO_ECHO: u32 = 1;
+
+fn echo_server(address: &str) -> Result<()> {
+    let router = shmesh::server::Router::new().route(DEMO_ECHO, |r| Ok(r.payload.to_vec()));
+    let mut server = shmesh::server::Server::bind(address, DEMO_SERVICE, DEMO_SCHEMA, router)
+        .with_context(|| format!("cannot serve at {address}"))?;
+    // Let clients choose any wait mode, polling included.
+    server.set_max_limits(shmesh::Limits {
+        wait_mode: shmesh::WaitMode::Poll,
+        spin_ns: u64::MAX,
+        ..Default::default()
+    });
+    server.serve();
+    Ok(())
+}
+
+/// A child process killed on drop, however the demo ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn measure_rpc(
+    args: &DemoArgs,
+    exe: &std::path::Path,
+    modes: &[WaitMode],
+    warmup: u64,
+    bar: &ProgressBar,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let address = format!("shm://@shmesh-demo-{}", std::process::id());
+    let mut server = Reaped(
+        std::process::Command::new(exe)
+            .args(["__echo-server", &address])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start the echo server")?,
+    );
+    for &mode in modes {
+        let mut options = shmesh::client::ChannelOptions::new(DEMO_SERVICE, DEMO_SCHEMA);
+        options.limits.wait_mode = match mode {
+            WaitMode::Poll => shmesh::WaitMode::Poll,
+            WaitMode::Adaptive => shmesh::WaitMode::Adaptive,
+            WaitMode::Block => shmesh::WaitMode::Block,
+        };
+        options.limits.spin_ns = args.spin_us * 1000;
+        let started = Instant::now();
+        let channel = loop {
+            match shmesh::client::Channel::connect(&address, &options) {
+                Ok(channel) => break channel,
+                Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                    return Err(e).context("the echo server did not come up");
+                }
+                Err(_) => {
+                    if let Some(status) = server.0.try_wait()? {
+                        bail!("the echo server exited: {status}");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        for &size in &args.sizes {
+            bar.set_message(format!("rpc {} {}", mode_name(mode), human_size(size)));
+            let request: Vec<u8> = (0..size).map(|i| i as u8).collect();
+            let call = || -> Result<()> {
+                let response = channel.call(DEMO_ECHO, &request, None)?;
+                if response[..] != request[..] {
+                    bail!("the echo differs from the request");
+                }
+                Ok(())
+            };
+            for _ in 0..warmup {
+                call().context("warm-up call failed")?;
+                bar.inc(1);
+            }
+            let label = format!("rpc {}", mode_name(mode));
+            rows.push(timed(&label, size, args.calls, bar, call)?);
+        }
+    }
     Ok(())
 }
 
@@ -210,7 +353,7 @@ fn print_table(rows: &[Row]) {
         .first()
         .map_or(1.0, |r| r.hist.value_at_quantile(0.5) as f64);
     println!(
-        "{:<10} {:>8} {:>10} {:>10} {:>12} {:>10}",
+        "{:<14} {:>8} {:>10} {:>10} {:>12} {:>10}",
         "mode", "payload", "p50 µs", "p99 µs", "calls/s", "p50/floor"
     );
     for r in rows {
@@ -218,7 +361,7 @@ fn print_table(rows: &[Row]) {
         let p99 = r.hist.value_at_quantile(0.99) as f64;
         let rate = r.calls as f64 / r.elapsed.as_secs_f64();
         println!(
-            "{:<10} {:>8} {:>10.2} {:>10.2} {:>12.0} {:>9.1}×",
+            "{:<14} {:>8} {:>10.2} {:>10.2} {:>12.0} {:>9.1}×",
             r.label,
             human_size(r.size),
             p50 / 1000.0,
@@ -228,7 +371,8 @@ fn print_table(rows: &[Row]) {
         );
     }
     println!(
-        "raw floor: one cache line bounced between the processes (8 B, no ring, no pool); \
-         the others carry the payload in a pool slab written in place and checksummed on both sides."
+        "raw floor: one cache line bounced between two processes (no ring, no pool). \
+         rpc: shmesh unary calls (request copied into a slab, echoed, compared). \
+         ring: the bare ring echo under them (payloads written in place, checksummed)."
     );
 }

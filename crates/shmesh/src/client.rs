@@ -109,6 +109,7 @@ struct Inner {
     server_bell: shmesh_shm::doorbell::Doorbell,
     client_bell: shmesh_shm::doorbell::Doorbell,
     policy: WaitPolicy,
+    granted: Limits,
     max_message: u64,
     next_call: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -223,6 +224,7 @@ impl Channel {
             client_bell: ends.client_bell,
             policy: layout::wait_policy(&welcome.granted),
             max_message: welcome.granted.max_message,
+            granted: welcome.granted.clone(),
             next_call: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
@@ -248,6 +250,12 @@ impl Channel {
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
         self.inner.call(method, request, timeout)
+    }
+
+    /// The limits the server granted this channel (ring depth, pool, wait
+    /// mode, largest message).
+    pub fn limits(&self) -> &Limits {
+        &self.inner.granted
     }
 
     /// Whether the connection is gone (the server died or closed it).
