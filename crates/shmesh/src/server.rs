@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use shmesh_shm::descriptor::{Descriptor, Flags};
 use shmesh_shm::pool::AllocError;
-use shmesh_shm::ring::PushError;
+use shmesh_shm::ring::{Entry, Producer, PushError};
 use shmesh_shm::segment::Segment;
 use thiserror::Error;
 
@@ -357,7 +357,7 @@ fn serve_one(
         router.dispatch(&request)
     };
     if d.flags.contains(Flags::PAYLOAD) {
-        push_retrying(&mut ends.give_back, d.payload, dead)?;
+        push_retrying(&mut ends.give_back, d.payload, dead, "return ring")?;
     }
     let mut response = Descriptor {
         call_id: d.call_id,
@@ -426,22 +426,7 @@ fn send_response(
     dead: &AtomicBool,
 ) -> Result<(), ConnectionError> {
     drain_returned(ends)?;
-    let mut response = response;
-    loop {
-        match ends.responses.try_push(response) {
-            Ok(()) => break,
-            Err(PushError::Full(back)) => {
-                if dead.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                response = back;
-                std::thread::yield_now();
-            }
-            Err(PushError::Corrupt(e)) => {
-                return Err(ConnectionError::Protocol(format!("response ring: {e}")));
-            }
-        }
-    }
+    push_retrying(&mut ends.responses, response, dead, "response ring")?;
     ends.client_bell.notify();
     Ok(())
 }
@@ -459,24 +444,27 @@ fn drain_returned(ends: &mut ServerEnds) -> Result<(), ConnectionError> {
     }
 }
 
-fn push_retrying(
-    ring: &mut shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>,
-    handle: shmesh_shm::handle::SlabHandle,
+/// Pushes `entry`, yielding while the ring is full (the client drains it),
+/// until it fits or the client dies (then the entry has nobody to go to).
+fn push_retrying<E: Entry>(
+    ring: &mut Producer<E>,
+    entry: E,
     dead: &AtomicBool,
+    what: &str,
 ) -> Result<(), ConnectionError> {
-    let mut handle = handle;
+    let mut entry = entry;
     loop {
-        match ring.try_push(handle) {
+        match ring.try_push(entry) {
             Ok(()) => return Ok(()),
             Err(PushError::Full(back)) => {
                 if dead.load(Ordering::Acquire) {
                     return Ok(());
                 }
-                handle = back;
+                entry = back;
                 std::thread::yield_now();
             }
             Err(PushError::Corrupt(e)) => {
-                return Err(ConnectionError::Protocol(format!("return ring: {e}")));
+                return Err(ConnectionError::Protocol(format!("{what}: {e}")));
             }
         }
     }
