@@ -42,6 +42,7 @@
 //! atomics in private memory. Allocation and release take no lock and make no
 //! system call.
 
+use std::ops::Deref;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -540,6 +541,29 @@ impl Pool {
     /// Loans a slab that holds at least `len` bytes: the smallest class that
     /// fits, or a larger one when that class is exhausted.
     pub fn alloc(&self, len: usize) -> Result<SlabMut<'_>, AllocError> {
+        self.take_slab(len).map(|(class, index, handle)| Slab {
+            pool: self,
+            class,
+            index,
+            handle,
+            sent: false,
+        })
+    }
+
+    /// As [`Pool::alloc`], for a loan that must outlive a borrow of the pool
+    /// (a request buffer handed to the caller, say).
+    pub fn alloc_owned(self: &Arc<Self>, len: usize) -> Result<OwnedSlab, AllocError> {
+        self.take_slab(len).map(|(class, index, handle)| Slab {
+            pool: self.clone(),
+            class,
+            index,
+            handle,
+            sent: false,
+        })
+    }
+
+    /// Takes a free slab of at least `len` bytes: (class, index, handle).
+    fn take_slab(&self, len: usize) -> Result<(usize, u32, SlabHandle), AllocError> {
         let len = len as u64;
         let mut fits = false;
         for (class_index, class) in self.classes.iter().enumerate() {
@@ -559,16 +583,12 @@ impl Pool {
             // Relaxed: statistics.
             class.in_use.fetch_add(1, Ordering::Relaxed);
             let offset = class.layout.base + u64::from(index) * class.layout.slab_size;
-            return Ok(SlabMut {
-                pool: self,
-                class: class_index,
-                index,
-                handle: SlabHandle {
-                    segment: self.layout.segment,
-                    generation,
-                    offset,
-                },
-            });
+            let handle = SlabHandle {
+                segment: self.layout.segment,
+                generation,
+                offset,
+            };
+            return Ok((class_index, index, handle));
         }
         if fits {
             Err(AllocError::Exhausted { len })
@@ -686,18 +706,32 @@ impl Pool {
 }
 
 /// A loaned slab the owner writes in place. Dropping it gives it back to the
-/// pool; [`SlabMut::send`] hands it to the peer instead.
-pub struct SlabMut<'a> {
-    pool: &'a Pool,
+/// pool; [`Slab::send`] hands it to the peer instead. `P` is how it holds
+/// the pool: borrowed ([`SlabMut`]) or shared ([`OwnedSlab`]).
+pub struct Slab<P: Deref<Target = Pool>> {
+    pool: P,
     class: usize,
     index: u32,
     handle: SlabHandle,
+    /// Set by `send`: the slab is the peer's now, not ours to free on drop.
+    sent: bool,
 }
 
-impl SlabMut<'_> {
+/// A loan that borrows its pool.
+pub type SlabMut<'a> = Slab<&'a Pool>;
+
+/// A loan that keeps its pool alive.
+pub type OwnedSlab = Slab<Arc<Pool>>;
+
+impl<P: Deref<Target = Pool>> Slab<P> {
     /// The handle the peer will use to find this slab.
     pub fn handle(&self) -> SlabHandle {
         self.handle
+    }
+
+    /// Whether this slab was loaned by `pool` (and not by another pool).
+    pub fn is_from(&self, pool: &Pool) -> bool {
+        std::ptr::eq(&*self.pool, pool)
     }
 
     /// Capacity of the slab in bytes.
@@ -708,18 +742,17 @@ impl SlabMut<'_> {
     /// Marks the slab as held by the peer and returns its handle, to be put
     /// in a descriptor. The slab comes back through
     /// [`Pool::release_returned`] or [`Pool::reclaim_sent`].
-    pub fn send(self) -> SlabHandle {
+    pub fn send(mut self) -> SlabHandle {
         let state = &self.pool.classes[self.class].states[self.index as usize];
         // Relaxed: the peer learns of the slab through a ring push whose
         // Release orders this store (and the payload bytes) before it.
         state.store(state_word(self.handle.generation, SENT), Ordering::Relaxed);
-        let handle = self.handle;
-        std::mem::forget(self);
-        handle
+        self.sent = true;
+        self.handle
     }
 }
 
-impl std::ops::Deref for SlabMut<'_> {
+impl<P: Deref<Target = Pool>> Deref for Slab<P> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: the slab lies inside the pool's memory (layout invariant of
@@ -736,7 +769,7 @@ impl std::ops::Deref for SlabMut<'_> {
     }
 }
 
-impl std::ops::DerefMut for SlabMut<'_> {
+impl<P: Deref<Target = Pool>> std::ops::DerefMut for Slab<P> {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`; `&mut self` makes this the only reference
         // through the guard.
@@ -749,9 +782,11 @@ impl std::ops::DerefMut for SlabMut<'_> {
     }
 }
 
-impl Drop for SlabMut<'_> {
+impl<P: Deref<Target = Pool>> Drop for Slab<P> {
     fn drop(&mut self) {
-        self.pool.release_loaned(self.class, self.index);
+        if !self.sent {
+            self.pool.release_loaned(self.class, self.index);
+        }
     }
 }
 
@@ -956,6 +991,29 @@ mod tests {
         assert!(pool.release_returned(sent2).is_err());
         drop(kept);
         assert_eq!(pool.occupancy().in_use(), 0);
+    }
+
+    #[test]
+    fn owned_loans_outlive_a_borrow_and_free_on_drop() {
+        let pool = Arc::new(Pool::new_heap(1, &small()).unwrap());
+        let make = |pool: &Arc<Pool>| {
+            let mut slab = pool.alloc_owned(10).unwrap();
+            slab[..2].copy_from_slice(b"ok");
+            slab
+        };
+        let kept = make(&pool);
+        let sent = make(&pool).send();
+        assert_eq!(pool.occupancy().in_use(), 2);
+        assert_eq!(&kept[..2], b"ok");
+        drop(kept);
+        assert_eq!(pool.occupancy().in_use(), 1);
+        pool.release_returned(sent).unwrap();
+        assert_eq!(pool.occupancy().in_use(), 0);
+        assert_eq!(
+            Arc::strong_count(&pool),
+            1,
+            "a sent loan keeps no reference"
+        );
     }
 
     #[test]

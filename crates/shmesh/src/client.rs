@@ -104,7 +104,7 @@ struct Inner {
     ends_recv: Mutex<shmesh_shm::ring::Consumer<Descriptor>>,
     returned: Mutex<shmesh_shm::ring::Consumer<shmesh_shm::handle::SlabHandle>>,
     give_back: Mutex<shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>>,
-    pool: shmesh_shm::pool::Pool,
+    pool: Arc<shmesh_shm::pool::Pool>,
     peer_pool: shmesh_shm::pool::PoolView,
     server_bell: shmesh_shm::doorbell::Doorbell,
     client_bell: shmesh_shm::doorbell::Doorbell,
@@ -144,6 +144,35 @@ impl std::fmt::Debug for Channel {
         f.debug_struct("Channel")
             .field("dead", &self.inner.dead.load(Ordering::Relaxed))
             .finish_non_exhaustive()
+    }
+}
+
+/// A request buffer in shared memory, from [`Channel::loan`]: derefs to
+/// exactly the bytes asked for. Dropping it unsent gives the slab back.
+pub struct RequestBuf {
+    slab: Option<shmesh_shm::pool::OwnedSlab>,
+    len: usize,
+}
+
+impl std::ops::Deref for RequestBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.slab.as_ref().map_or(&[], |s| &s[..self.len])
+    }
+}
+
+impl std::ops::DerefMut for RequestBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        self.slab.as_mut().map_or(&mut [], |s| &mut s[..len])
+    }
+}
+
+impl std::fmt::Debug for RequestBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBuf")
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -218,7 +247,7 @@ impl Channel {
             ends_recv: Mutex::new(ends.responses),
             returned: Mutex::new(ends.returned),
             give_back: Mutex::new(ends.give_back),
-            pool: ends.pool,
+            pool: Arc::new(ends.pool),
             peer_pool: ends.peer_pool,
             server_bell: ends.server_bell,
             client_bell: ends.client_bell,
@@ -239,6 +268,34 @@ impl Channel {
             .spawn(move || watch(conn, watched))
             .map_err(ChannelError::Thread)?;
         Ok(Channel { inner })
+    }
+
+    /// Loans a `len`-byte request buffer in shared memory, to write the
+    /// request in place and then [`Channel::send`] it: the zero-copy way to
+    /// call. Waits up to `timeout` for a free slab (the pool may be busy with
+    /// calls in flight).
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+    /// let mut request = channel.loan(5, None).unwrap();
+    /// request.copy_from_slice(b"hello"); // or encode straight into it
+    /// let response = channel.send(1, request, None).unwrap();
+    /// assert_eq!(&response[..], b"hello");
+    /// ```
+    pub fn loan(&self, len: usize, timeout: Option<Duration>) -> Result<RequestBuf, Status> {
+        self.inner.loan(len, timeout.map(|t| Instant::now() + t))
+    }
+
+    /// Sends a request written in place into a [`RequestBuf`] and waits up
+    /// to `timeout` for the response.
+    pub fn send(
+        &self,
+        method: u32,
+        request: RequestBuf,
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
+        self.inner.send(method, request, timeout)
     }
 
     /// Calls `method` with `request`, copied into shared memory, and waits up
@@ -348,15 +405,37 @@ impl Inner {
         request: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
+        let mut buf = self.loan(request.len(), timeout.map(|t| Instant::now() + t))?;
+        buf.copy_from_slice(request);
+        self.send(method, buf, timeout)
+    }
+
+    fn loan(&self, len: usize, deadline: Option<Instant>) -> Result<RequestBuf, Status> {
         if self.dead.load(Ordering::Acquire) {
             return Err(self.unavailable());
         }
-        if request.len() as u64 > self.max_message {
+        if len as u64 > self.max_message {
             return Err(Status::resource_exhausted(format!(
-                "request of {} bytes exceeds the connection's limit of {} bytes",
-                request.len(),
+                "request of {len} bytes exceeds the connection's limit of {} bytes",
                 self.max_message
             )));
+        }
+        let slab = if len == 0 {
+            None
+        } else {
+            Some(self.alloc(len, deadline)?)
+        };
+        Ok(RequestBuf { slab, len })
+    }
+
+    fn send(
+        self: &Arc<Self>,
+        method: u32,
+        request: RequestBuf,
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(self.unavailable());
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let call_id = self.next_call.fetch_add(1, Ordering::Relaxed);
@@ -366,10 +445,13 @@ impl Inner {
             deadline_ns: deadline::to_wire(timeout),
             ..Default::default()
         };
-        if !request.is_empty() {
-            let mut slab = self.alloc(request.len(), deadline)?;
-            slab[..request.len()].copy_from_slice(request);
-            d.len = request.len() as u32;
+        if let Some(slab) = request.slab {
+            if !slab.is_from(&self.pool) {
+                return Err(Status::invalid_argument(
+                    "request buffer loaned from another channel",
+                ));
+            }
+            d.len = request.len as u32;
             d.flags = Flags::PAYLOAD;
             d.payload = slab.send();
         }
@@ -395,17 +477,17 @@ impl Inner {
         &self,
         len: usize,
         deadline: Option<Instant>,
-    ) -> Result<shmesh_shm::pool::SlabMut<'_>, Status> {
+    ) -> Result<shmesh_shm::pool::OwnedSlab, Status> {
         // Take back what the server returned before it can pile up: the
         // return ring is smaller than the pool, and a server that finds it
         // full waits for us. Cheap when it is empty (one load).
         self.drain_returned()?;
         loop {
-            match self.pool.alloc(len) {
+            match self.pool.alloc_owned(len) {
                 Ok(slab) => return Ok(slab),
                 Err(AllocError::Exhausted { .. }) => {
                     self.drain_returned()?;
-                    if let Ok(slab) = self.pool.alloc(len) {
+                    if let Ok(slab) = self.pool.alloc_owned(len) {
                         return Ok(slab);
                     }
                     if self.dead.load(Ordering::Acquire) {

@@ -46,13 +46,53 @@ pub struct Request<'a> {
     pub remaining: Option<Duration>,
 }
 
-/// A method's handler.
+/// A method's handler that returns its response as bytes (copied into
+/// shared memory).
 pub type Handler = dyn Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync;
+
+/// A method's handler that writes its response in place.
+pub type InPlaceHandler = dyn Fn(&Request<'_>, &mut Reply<'_>) -> Result<(), Status> + Send + Sync;
+
+enum Route {
+    Copying(Box<Handler>),
+    InPlace(Box<InPlaceHandler>),
+}
+
+/// Where an in-place handler writes its response: a slab of the server's
+/// pool, loaned once per call.
+pub struct Reply<'p> {
+    pool: &'p shmesh_shm::pool::Pool,
+    slab: Option<shmesh_shm::pool::SlabMut<'p>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Reply<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply").field("len", &self.len).finish()
+    }
+}
+
+impl Reply<'_> {
+    /// Loans the `len`-byte response buffer (once per call; a second loan
+    /// replaces the first). A response larger than the largest slab, or a
+    /// server pool exhausted by the client holding responses, is
+    /// `ResourceExhausted`.
+    pub fn loan(&mut self, len: usize) -> Result<&mut [u8], Status> {
+        self.slab = None;
+        let slab = self
+            .pool
+            .alloc(len)
+            .map_err(|e| Status::resource_exhausted(format!("response buffer: {e}")))?;
+        self.len = len;
+        let slab = self.slab.insert(slab);
+        Ok(&mut slab[..len])
+    }
+}
 
 /// Handlers by method id.
 #[derive(Default)]
 pub struct Router {
-    handlers: HashMap<u32, Box<Handler>>,
+    handlers: HashMap<u32, Route>,
 }
 
 impl std::fmt::Debug for Router {
@@ -75,18 +115,29 @@ impl Router {
         method: u32,
         handler: impl Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync + 'static,
     ) -> Self {
-        self.handlers.insert(method, Box::new(handler));
+        self.handlers
+            .insert(method, Route::Copying(Box::new(handler)));
         self
     }
 
-    fn dispatch(&self, request: &Request<'_>) -> Result<Vec<u8>, Status> {
-        match self.handlers.get(&request.method) {
-            Some(h) => h(request),
-            None => Err(Status::unimplemented(format!(
-                "method {} is not served here",
-                request.method
-            ))),
-        }
+    /// Serves `method` with a handler that writes its response in place:
+    /// the zero-copy way to answer.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// let router = Router::new().route_in_place(1, |request, reply| {
+    ///     reply.loan(request.payload.len())?.copy_from_slice(request.payload);
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn route_in_place(
+        mut self,
+        method: u32,
+        handler: impl Fn(&Request<'_>, &mut Reply<'_>) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::InPlace(Box::new(handler)));
+        self
     }
 }
 
@@ -328,6 +379,16 @@ fn call_loop(
     }
 }
 
+/// What a handler answered.
+enum Answer<'p> {
+    /// Bytes to copy into a response slab.
+    Bytes(Vec<u8>),
+    /// A response written in place (no slab: an empty response).
+    InPlace(Option<shmesh_shm::pool::SlabMut<'p>>, usize),
+    /// An error status.
+    Failed(Status),
+}
+
 fn serve_one(
     ends: &mut ServerEnds,
     router: &Router,
@@ -335,6 +396,8 @@ fn serve_one(
     d: Descriptor,
     dead: &AtomicBool,
 ) -> Result<(), ConnectionError> {
+    // Take back response slabs first, so an in-place handler finds one.
+    drain_returned(ends)?;
     let payload: &[u8] = if d.flags.contains(Flags::PAYLOAD) {
         ends.peer_pool
             .read(d.payload, d.len.into())
@@ -343,52 +406,82 @@ fn serve_one(
         &[]
     };
     let remaining = deadline::remaining(d.deadline_ns);
-    let result = if remaining.is_some_and(|r| r.is_zero()) {
-        Err(Status::deadline_exceeded(
+    let request = Request {
+        method: d.method_id,
+        payload,
+        peer: *peer,
+        remaining,
+    };
+    let answer = if remaining.is_some_and(|r| r.is_zero()) {
+        Answer::Failed(Status::deadline_exceeded(
             "deadline passed before the server started the call",
         ))
     } else {
-        let request = Request {
-            method: d.method_id,
-            payload,
-            peer: *peer,
-            remaining,
-        };
-        router.dispatch(&request)
+        match router.handlers.get(&d.method_id) {
+            None => Answer::Failed(Status::unimplemented(format!(
+                "method {} is not served here",
+                d.method_id
+            ))),
+            Some(Route::Copying(handler)) => match handler(&request) {
+                Ok(bytes) => Answer::Bytes(bytes),
+                Err(status) => Answer::Failed(status),
+            },
+            Some(Route::InPlace(handler)) => {
+                let mut reply = Reply {
+                    pool: &ends.pool,
+                    slab: None,
+                    len: 0,
+                };
+                match handler(&request, &mut reply) {
+                    Ok(()) => Answer::InPlace(reply.slab, reply.len),
+                    Err(status) => Answer::Failed(status),
+                }
+            }
+        }
     };
     if d.flags.contains(Flags::PAYLOAD) {
         push_retrying(&mut ends.give_back, d.payload, dead, "return ring")?;
     }
-    let mut response = Descriptor {
-        call_id: d.call_id,
-        method_id: d.method_id,
-        flags: Flags::END,
-        ..Default::default()
-    };
-    match result {
-        Ok(bytes) if bytes.is_empty() => {}
-        Ok(bytes) => {
-            let Some(mut slab) = alloc_retrying(ends, bytes.len(), dead, &mut response)? else {
-                return send_response(ends, response, dead);
-            };
-            slab[..bytes.len()].copy_from_slice(&bytes);
-            response.flags = response.flags | Flags::PAYLOAD;
-            response.len = bytes.len() as u32;
-            response.payload = slab.send();
-        }
-        Err(status) => {
-            response.flags = response.flags | Flags::STATUS;
-            response.status = status.code() as u32;
-            let len = status.encoded_len();
-            if let Some(mut slab) = alloc_retrying(ends, len, dead, &mut response)?
-                && let Ok(n) = status.encode_into(&mut slab)
-            {
+    // `answer` may borrow the pool; it must be gone before the ring is.
+    let response = {
+        let answer = answer;
+        let mut response = Descriptor {
+            call_id: d.call_id,
+            method_id: d.method_id,
+            flags: Flags::END,
+            ..Default::default()
+        };
+        match answer {
+            Answer::InPlace(None, _) => {}
+            Answer::InPlace(Some(slab), len) => {
                 response.flags = response.flags | Flags::PAYLOAD;
-                response.len = n as u32;
+                response.len = len as u32;
                 response.payload = slab.send();
             }
+            Answer::Bytes(bytes) if bytes.is_empty() => {}
+            Answer::Bytes(bytes) => {
+                if let Some(mut slab) = alloc_retrying(ends, bytes.len(), dead, &mut response)? {
+                    slab[..bytes.len()].copy_from_slice(&bytes);
+                    response.flags = response.flags | Flags::PAYLOAD;
+                    response.len = bytes.len() as u32;
+                    response.payload = slab.send();
+                }
+            }
+            Answer::Failed(status) => {
+                response.flags = response.flags | Flags::STATUS;
+                response.status = status.code() as u32;
+                let len = status.encoded_len();
+                if let Some(mut slab) = alloc_retrying(ends, len, dead, &mut response)?
+                    && let Ok(n) = status.encode_into(&mut slab)
+                {
+                    response.flags = response.flags | Flags::PAYLOAD;
+                    response.len = n as u32;
+                    response.payload = slab.send();
+                }
+            }
         }
-    }
+        response
+    };
     send_response(ends, response, dead)
 }
 

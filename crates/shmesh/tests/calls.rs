@@ -13,6 +13,7 @@ const ECHO: u32 = 1;
 const FAIL: u32 = 2;
 const SLOW: u32 = 3;
 const WHO: u32 = 4;
+const ECHO_IN_PLACE: u32 = 5;
 const SCHEMA: SchemaHash = SchemaHash([7; 32]);
 
 fn address(test: &str) -> String {
@@ -33,7 +34,16 @@ fn start(test: &str) -> (BackgroundServer, String) {
             std::thread::sleep(Duration::from_millis(200));
             Ok(format!("{:?}", r.remaining.is_some()).into_bytes())
         })
-        .route(WHO, |r| Ok(r.peer.pid.to_le_bytes().to_vec()));
+        .route(WHO, |r| Ok(r.peer.pid.to_le_bytes().to_vec()))
+        .route_in_place(ECHO_IN_PLACE, |r, reply| {
+            if r.payload.is_empty() {
+                return Ok(());
+            }
+            let out = reply.loan(r.payload.len() * 2)?;
+            out[..r.payload.len()].copy_from_slice(r.payload);
+            out[r.payload.len()..].copy_from_slice(r.payload);
+            Ok(())
+        });
     let server = Server::bind(&addr, "test", SCHEMA, router).unwrap();
     (BackgroundServer::spawn(server).unwrap(), addr)
 }
@@ -148,4 +158,40 @@ fn server_shutdown_fails_calls_with_unavailable() {
         .call(ECHO, b"x", Some(Duration::from_secs(5)))
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
+}
+
+#[test]
+fn zero_copy_both_ways() {
+    let (_server, addr) = start("in-place");
+    let channel = connect(&addr);
+    for len in [1usize, 100, 4000, 60_000] {
+        let mut request = channel.loan(len, None).unwrap();
+        for (i, b) in request.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let expected: Vec<u8> = request.iter().chain(request.iter()).copied().collect();
+        let response = channel.send(ECHO_IN_PLACE, request, None).unwrap();
+        assert_eq!(&response[..], &expected[..], "len {len}");
+    }
+    let empty = channel
+        .send(ECHO_IN_PLACE, channel.loan(0, None).unwrap(), None)
+        .unwrap();
+    assert!(empty.is_empty());
+    // A reply larger than the largest slab is the handler's error to report.
+    let big = channel.loan(600_000, None).unwrap();
+    let err = channel.send(ECHO_IN_PLACE, big, None).unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    // A loan dropped unsent goes back to the pool.
+    drop(channel.loan(100, None).unwrap());
+    assert_eq!(channel.pool_in_use(), 0);
+}
+
+#[test]
+fn a_loan_from_another_channel_is_refused() {
+    let (_server, addr) = start("foreign-loan");
+    let (a, b) = (connect(&addr), connect(&addr));
+    let foreign = a.loan(10, None).unwrap();
+    let err = b.send(ECHO, foreign, None).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(a.pool_in_use(), 0, "the refused loan went back to its pool");
 }
