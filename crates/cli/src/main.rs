@@ -289,15 +289,14 @@ fn measure_rpc(
         };
         for &size in &args.sizes {
             bar.set_message(format!("rpc {} {}", mode_name(mode), human_size(size)));
+            // The message: what a real caller would serialise into the loan.
+            let message: Vec<u8> = (0..size).map(|i| i as u8).collect();
             let call = || -> Result<()> {
                 // Written in place into the loaned slab; read in place.
                 let mut request = channel.loan(size, None)?;
-                for (i, b) in request.iter_mut().enumerate() {
-                    *b = i as u8;
-                }
+                request.copy_from_slice(&message);
                 let response = channel.send(DEMO_ECHO, request, None)?;
-                if response.len() != size || response.iter().enumerate().any(|(i, &b)| b != i as u8)
-                {
+                if response[..] != message[..] {
                     bail!("the echo differs from the request");
                 }
                 Ok(())

@@ -91,12 +91,24 @@ pub enum ChannelError {
     Thread(std::io::Error),
 }
 
+/// A call in flight.
+struct Pending {
+    /// The request's slab: the server reads it until it answers, so it is
+    /// freed when the response arrives (a unary response releases its
+    /// request), whoever collects the response.
+    request: Option<shmesh_shm::handle::SlabHandle>,
+    state: CallState,
+}
+
 /// Where a call's answer is.
-enum Pending {
+enum CallState {
     /// The caller is waiting; wake this thread when the answer is in.
     Waiting(Thread),
     /// The answer arrived while its caller was not reading.
     Done(Descriptor),
+    /// The caller gave up (deadline); the answer, when it comes, only frees
+    /// the slabs.
+    Abandoned,
 }
 
 struct Inner {
@@ -320,6 +332,12 @@ impl Channel {
         self.inner.dead.load(Ordering::Acquire)
     }
 
+    /// Calls sent and not yet answered, including those whose callers gave up
+    /// (their answers still have slabs to free).
+    pub fn calls_in_flight(&self) -> usize {
+        lock(&self.inner.pending).len()
+    }
+
     /// Slabs of this channel's request pool in use, after taking back those
     /// the server has returned (leak checks: 0 when no call is in flight).
     pub fn pool_in_use(&self) -> u64 {
@@ -353,7 +371,7 @@ impl Inner {
         self.dead.store(true, Ordering::Release);
         self.client_bell.notify();
         for p in lock(&self.pending).values() {
-            if let Pending::Waiting(t) = p {
+            if let CallState::Waiting(t) = &p.state {
                 t.unpark();
             }
         }
@@ -455,7 +473,14 @@ impl Inner {
             d.flags = Flags::PAYLOAD;
             d.payload = slab.send();
         }
-        lock(&self.pending).insert(call_id, Pending::Waiting(std::thread::current()));
+        let request_slab = d.flags.contains(Flags::PAYLOAD).then_some(d.payload);
+        lock(&self.pending).insert(
+            call_id,
+            Pending {
+                request: request_slab,
+                state: CallState::Waiting(std::thread::current()),
+            },
+        );
         if let Err(status) = self.push_request(d, deadline) {
             lock(&self.pending).remove(&call_id);
             if d.flags.contains(Flags::PAYLOAD) {
@@ -468,9 +493,62 @@ impl Inner {
         self.server_bell.notify();
         let answer = self.wait_for(call_id, deadline);
         if answer.is_err() {
-            lock(&self.pending).remove(&call_id);
+            self.abandon(call_id);
         }
         self.finish(answer?)
+    }
+
+    /// A caller gives up on `call_id`: if its request is still with the
+    /// server, the entry stays until the answer comes to free the slab.
+    fn abandon(&self, call_id: u64) {
+        let mut pending = lock(&self.pending);
+        match pending.get_mut(&call_id) {
+            Some(p) if p.request.is_some() && !self.dead.load(Ordering::Acquire) => {
+                p.state = CallState::Abandoned;
+            }
+            _ => {
+                pending.remove(&call_id);
+            }
+        }
+    }
+
+    /// Records the response `d`: frees its request's slab, then hands the
+    /// response to its caller (`mine` is the collecting caller's own call)
+    /// or, if nobody wants it, gives its slab back. Returns `d` if it is
+    /// `mine`.
+    fn complete(&self, d: Descriptor, mine: u64) -> Result<Option<Descriptor>, Status> {
+        let mut pending = lock(&self.pending);
+        let Some(entry) = pending.get_mut(&d.call_id) else {
+            drop(pending);
+            // An id we never used (or a duplicate): nobody to give it to.
+            if d.flags.contains(Flags::PAYLOAD) {
+                self.give_back_slab(d.payload);
+            }
+            return Ok(None);
+        };
+        if let Some(h) = entry.request.take()
+            && let Err(e) = self.pool.release_returned(h)
+        {
+            drop(pending);
+            return Err(self.broken(format!("request slab of call {}: {e}", d.call_id)));
+        }
+        if d.call_id == mine {
+            pending.remove(&mine);
+            return Ok(Some(d));
+        }
+        match std::mem::replace(&mut entry.state, CallState::Done(d)) {
+            CallState::Waiting(t) => t.unpark(),
+            CallState::Abandoned => {
+                pending.remove(&d.call_id);
+                drop(pending);
+                if d.flags.contains(Flags::PAYLOAD) {
+                    self.give_back_slab(d.payload);
+                }
+            }
+            // A second response to one call: keep the first.
+            CallState::Done(first) => entry.state = CallState::Done(first),
+        }
+        Ok(None)
     }
 
     fn alloc(
@@ -535,7 +613,7 @@ impl Inner {
     /// Waits for call `call_id`'s response descriptor.
     fn wait_for(&self, call_id: u64, deadline: Option<Instant>) -> Result<Descriptor, Status> {
         loop {
-            if let Some(Pending::Done(d)) = take_if_done(&mut lock(&self.pending), call_id) {
+            if let Some(d) = take_if_done(&mut lock(&self.pending), call_id) {
                 return Ok(d);
             }
             if self.dead.load(Ordering::Acquire) {
@@ -568,8 +646,11 @@ impl Inner {
         let mut mine = None;
         loop {
             match ring.try_pop() {
-                Ok(Some(d)) if d.call_id == call_id => mine = Some(d),
-                Ok(Some(d)) => self.hand_over(d),
+                Ok(Some(d)) => {
+                    if let Some(d) = self.complete(d, call_id)? {
+                        mine = Some(d);
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => return Err(self.broken(format!("response ring corrupt: {e}"))),
             }
@@ -591,31 +672,12 @@ impl Inner {
         Ok(None)
     }
 
-    /// Delivers a response that belongs to another caller.
-    fn hand_over(&self, d: Descriptor) {
-        let mut pending = lock(&self.pending);
-        match pending.get_mut(&d.call_id) {
-            Some(p @ Pending::Waiting(_)) => {
-                if let Pending::Waiting(t) = std::mem::replace(p, Pending::Done(d)) {
-                    t.unpark();
-                }
-            }
-            // A caller that gave up (deadline) or an id we never used: the
-            // answer has nobody to go to; give its slab back.
-            _ => {
-                drop(pending);
-                if d.flags.contains(Flags::PAYLOAD) {
-                    self.give_back_slab(d.payload);
-                }
-            }
-        }
-    }
-
     /// Wakes one waiting caller so it takes over reading responses.
     fn promote_a_follower(&self) {
-        if let Some(Pending::Waiting(t)) = lock(&self.pending)
+        if let Some(CallState::Waiting(t)) = lock(&self.pending)
             .values()
-            .find(|p| matches!(p, Pending::Waiting(_)))
+            .map(|p| &p.state)
+            .find(|s| matches!(s, CallState::Waiting(_)))
         {
             t.unpark();
         }
@@ -642,10 +704,12 @@ impl Inner {
     }
 }
 
-fn take_if_done(pending: &mut HashMap<u64, Pending>, call_id: u64) -> Option<Pending> {
-    if matches!(pending.get(&call_id), Some(Pending::Done(_))) {
-        pending.remove(&call_id)
-    } else {
-        None
+fn take_if_done(pending: &mut HashMap<u64, Pending>, call_id: u64) -> Option<Descriptor> {
+    match pending.get(&call_id).map(|p| &p.state) {
+        Some(CallState::Done(_)) => match pending.remove(&call_id)?.state {
+            CallState::Done(d) => Some(d),
+            _ => None,
+        },
+        _ => None,
     }
 }

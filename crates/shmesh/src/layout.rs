@@ -8,7 +8,7 @@
 //! ```text
 //! client ── REQUESTS ring (descriptors) + SERVER bell ──▶ server
 //!        ◀── RESPONSES ring (descriptors) + CLIENT bell ── server
-//!        ◀── TO_CLIENT return ring (request slabs given back) ── server
+//!        ◀── TO_CLIENT return ring (for streams; a unary response releases its request) ── server
 //!        ── TO_SERVER return ring (response slabs given back) ──▶ server
 //! client pool (requests)                     server pool (responses)
 //! ```

@@ -439,9 +439,8 @@ fn serve_one(
             }
         }
     };
-    if d.flags.contains(Flags::PAYLOAD) {
-        push_retrying(&mut ends.give_back, d.payload, dead, "return ring")?;
-    }
+    // The request's slab needs no giving back: a unary response releases
+    // its request (the client frees the slab when the answer arrives).
     // `answer` may borrow the pool; it must be gone before the ring is.
     let response = {
         let answer = answer;

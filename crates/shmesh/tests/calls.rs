@@ -78,6 +78,8 @@ fn echo_from_many_threads_matches_every_response() {
     }
     let empty = channel.call(ECHO, &[], None).unwrap();
     assert!(empty.is_empty());
+    assert_eq!(channel.calls_in_flight(), 0);
+    assert_eq!(channel.pool_in_use(), 0);
 }
 
 #[test]
@@ -110,6 +112,17 @@ fn deadlines_travel_and_expire() {
     assert_eq!(&ok[..], b"false");
     // The late answer to the first call was discarded, its slab given back.
     assert_eq!(&channel.call(ECHO, b"after", None).unwrap()[..], b"after");
+    assert_eq!(channel.calls_in_flight(), 0);
+    // An abandoned call's request slab is freed when its answer comes.
+    let err = channel
+        .call(SLOW, b"payload", Some(Duration::from_millis(20)))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert_eq!(channel.calls_in_flight(), 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(&channel.call(ECHO, b"later", None).unwrap()[..], b"later");
+    assert_eq!(channel.calls_in_flight(), 0);
+    assert_eq!(channel.pool_in_use(), 0);
 }
 
 #[test]
