@@ -53,6 +53,7 @@ pub mod handshake;
 pub mod layout;
 pub mod server;
 pub mod socket;
+pub mod stats;
 pub mod status;
 
 pub use addr::{Address, AddressError};

@@ -25,6 +25,7 @@ use crate::deadline;
 use crate::handshake::{FdRole, Limits, SchemaHash, ServerPolicy, ServiceName, ServiceNameError};
 use crate::layout::{self, LayoutError, ServerEnds};
 use crate::socket::{self, Connection, Listener, PeerCredentials};
+use crate::stats::{ConnectionRecorder, Stats};
 use crate::status::{Code, Status};
 use crate::{Address, AddressError, BindError};
 
@@ -163,6 +164,7 @@ pub struct Server {
     shutdown: Arc<AtomicBool>,
     next_connection: AtomicU64,
     live: Arc<AtomicU64>,
+    stats: Arc<Stats>,
 }
 
 /// Stops a running [`Server::serve`] from another thread.
@@ -198,6 +200,7 @@ impl Server {
             shutdown: Arc::new(AtomicBool::new(false)),
             next_connection: AtomicU64::new(1),
             live: Arc::new(AtomicU64::new(0)),
+            stats: Arc::new(Stats::default()),
         })
     }
 
@@ -217,6 +220,12 @@ impl Server {
     /// Connections being served now.
     pub fn live_connections(&self) -> u64 {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// The server's call and connection counters; take a
+    /// [`Stats::snapshot`] at any time, from any thread.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     /// The counter behind [`Server::live_connections`], to read from a
@@ -242,17 +251,19 @@ impl Server {
                 break;
             }
             let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-            let (policy, router, shutdown, live) = (
+            let (policy, router, shutdown, live, stats) = (
                 self.policy.clone(),
                 self.router.clone(),
                 self.shutdown.clone(),
                 self.live.clone(),
+                self.stats.clone(),
             );
             let spawned = std::thread::Builder::new()
                 .name(format!("shmesh-conn-{id}"))
                 .spawn(move || {
                     live.fetch_add(1, Ordering::AcqRel);
-                    if let Err(e) = serve_connection(conn, id, &policy, &router, &shutdown) {
+                    if let Err(e) = serve_connection(conn, id, &policy, &router, &shutdown, &stats)
+                    {
                         tracing::warn!(connection = id, "connection closed: {e}");
                     }
                     live.fetch_sub(1, Ordering::AcqRel);
@@ -288,6 +299,7 @@ fn serve_connection(
     policy: &ServerPolicy,
     router: &Router,
     shutdown: &AtomicBool,
+    stats: &Arc<Stats>,
 ) -> Result<(), ConnectionError> {
     conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
@@ -342,7 +354,16 @@ fn serve_connection(
             .map_err(ConnectionError::Thread)?;
     }
 
-    let result = call_loop(&mut ends, router, &peer, policy_wait, &dead, shutdown);
+    let mut recorder = stats.connection(id, peer);
+    let result = call_loop(
+        &mut ends,
+        router,
+        &peer,
+        policy_wait,
+        &dead,
+        shutdown,
+        &mut recorder,
+    );
     // Shut the socket down rather than only close it: the watcher holds a
     // duplicate of it, and both must see the end. The client learns we are
     // gone.
@@ -357,6 +378,7 @@ fn call_loop(
     policy: shmesh_shm::doorbell::WaitPolicy,
     dead: &AtomicBool,
     shutdown: &AtomicBool,
+    recorder: &mut ConnectionRecorder,
 ) -> Result<(), ConnectionError> {
     loop {
         let request = match ends.requests.try_pop() {
@@ -375,7 +397,7 @@ fn call_loop(
             }
             Err(e) => return Err(ConnectionError::Protocol(format!("request ring: {e}"))),
         };
-        serve_one(ends, router, peer, request, dead)?;
+        serve_one(ends, router, peer, request, dead, recorder)?;
     }
 }
 
@@ -395,7 +417,9 @@ fn serve_one(
     peer: &PeerCredentials,
     d: Descriptor,
     dead: &AtomicBool,
+    recorder: &mut ConnectionRecorder,
 ) -> Result<(), ConnectionError> {
+    let started = std::time::Instant::now();
     // Take back response slabs first, so an in-place handler finds one.
     drain_returned(ends)?;
     let payload: &[u8] = if d.flags.contains(Flags::PAYLOAD) {
@@ -439,6 +463,11 @@ fn serve_one(
             }
         }
     };
+    let code = match &answer {
+        Answer::Failed(status) => status.code(),
+        _ => Code::Ok,
+    };
+    recorder.record(d.method_id, code, started.elapsed());
     // The request's slab needs no giving back: a unary response releases
     // its request (the client frees the slab when the answer arrives).
     // `answer` may borrow the pool; it must be gone before the ring is.

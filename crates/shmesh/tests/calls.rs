@@ -208,3 +208,42 @@ fn a_loan_from_another_channel_is_refused() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(a.pool_in_use(), 0, "the refused loan went back to its pool");
 }
+
+#[test]
+fn server_counts_calls_by_method_code_and_connection() {
+    let addr = address("stats");
+    let router = Router::new()
+        .route(ECHO, |r| Ok(r.payload.to_vec()))
+        .route(FAIL, |_| Err(Status::not_found("nothing")));
+    let server = Server::bind(&addr, "test", SCHEMA, router).unwrap();
+    let stats = server.stats();
+    let _server = BackgroundServer::spawn(server).unwrap();
+    let channel = connect(&addr);
+    for _ in 0..10 {
+        channel.call(ECHO, b"abc", None).unwrap();
+    }
+    for _ in 0..3 {
+        channel.call(FAIL, b"", None).unwrap_err();
+    }
+    channel.call(42, b"", None).unwrap_err();
+    let snap = stats.snapshot();
+    assert_eq!(snap.methods[&ECHO].calls, 10);
+    assert_eq!(snap.methods[&ECHO].by_code[&Code::Ok], 10);
+    assert_eq!(snap.methods[&FAIL].by_code[&Code::NotFound], 3);
+    assert_eq!(snap.methods[&42].by_code[&Code::Unimplemented], 1);
+    assert!(snap.methods[&ECHO].latency_quantile(0.5).is_some());
+    assert_eq!(snap.connections.len(), 1);
+    let conn = &snap.connections[0];
+    assert_eq!((conn.calls, conn.errors), (14, 4));
+    assert_eq!(conn.peer.pid, std::process::id() as i32);
+    drop(channel);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stats.snapshot().connections.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed connection still counted live"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(stats.snapshot().connections_total, 1);
+}
