@@ -80,6 +80,9 @@ pub enum ChannelError {
     /// The server sent no segment.
     #[error("server sent no shared-memory segment in its Welcome")]
     NoSegment,
+    /// The server sent no eventfd for the client's doorbell.
+    #[error("server sent no doorbell eventfd in its Welcome")]
+    NoDoorbell,
     /// The segment the server sent is unusable.
     #[error("cannot open the connection's segment: {0}")]
     Segment(#[from] shmesh_shm::segment::OpenError),
@@ -119,7 +122,7 @@ struct Inner {
     pool: Arc<shmesh_shm::pool::Pool>,
     peer_pool: shmesh_shm::pool::PoolView,
     server_bell: shmesh_shm::doorbell::Doorbell,
-    client_bell: shmesh_shm::doorbell::Doorbell,
+    client_bell: shmesh_shm::doorbell::EventDoorbell,
     policy: WaitPolicy,
     granted: Limits,
     max_message: u64,
@@ -239,16 +242,19 @@ impl Channel {
             requested: options.limits.clone(),
         };
         let (welcome, fds) = socket::client_handshake(&mut conn, &hello)?;
-        let segment_fd = welcome
-            .fds
-            .as_slice()
-            .iter()
-            .zip(fds)
-            .find(|(role, _)| **role == FdRole::Segment)
-            .map(|(_, fd)| fd)
-            .ok_or(ChannelError::NoSegment)?;
+        let mut segment_fd = None;
+        let mut bell_fd = None;
+        for (role, fd) in welcome.fds.as_slice().iter().zip(fds) {
+            match role {
+                FdRole::Segment => segment_fd = Some(fd),
+                FdRole::ClientDoorbell => bell_fd = Some(fd),
+                FdRole::ServerDoorbell => {}
+            }
+        }
+        let segment_fd = segment_fd.ok_or(ChannelError::NoSegment)?;
+        let bell_fd = bell_fd.ok_or(ChannelError::NoDoorbell)?;
         let segment = Segment::open(segment_fd)?;
-        let ends = ClientEnds::open(&segment)?;
+        let ends = ClientEnds::open(&segment, bell_fd)?;
         let socket = std::os::fd::AsFd::as_fd(&conn)
             .try_clone_to_owned()
             .map_err(ChannelError::Socket)?;

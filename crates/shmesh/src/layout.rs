@@ -12,11 +12,17 @@
 //!        ── TO_SERVER return ring (response slabs given back) ──▶ server
 //! client pool (requests)                     server pool (responses)
 //! ```
+//!
+//! The client's doorbell parks on an eventfd the server creates and sends
+//! with the segment, so a client can wait on it from an event loop; the
+//! server's doorbell is a plain futex.
 
 use std::sync::Arc;
 
 use shmesh_shm::descriptor::Descriptor;
-use shmesh_shm::doorbell::{self, Doorbell, WaitPolicy};
+use std::os::fd::OwnedFd;
+
+use shmesh_shm::doorbell::{self, Doorbell, EventDoorbell, WaitPolicy};
 use shmesh_shm::handle::SlabHandle;
 use shmesh_shm::pool::{ClassConfig, Pool, PoolConfig, PoolConfigError, PoolView};
 use shmesh_shm::ring::{Consumer, Producer};
@@ -49,6 +55,15 @@ pub enum LayoutError {
     /// The segment lacks a region a connection needs.
     #[error("connection segment is incomplete: {0}")]
     Region(#[from] RegionError),
+    /// The client's doorbell eventfd could not be made.
+    #[error(transparent)]
+    EventFd(#[from] shmesh_shm::doorbell::EventFdError),
+}
+
+/// A fresh eventfd for a connection's client doorbell (the server keeps one
+/// copy and sends the other).
+pub fn client_bell_fd() -> Result<OwnedFd, LayoutError> {
+    Ok(EventDoorbell::create_fd()?)
 }
 
 /// The pool configuration the limits describe.
@@ -118,13 +133,14 @@ pub struct ClientEnds {
     pub peer_pool: PoolView,
     /// Rung by us after pushing a request.
     pub server_bell: Doorbell,
-    /// Waited on by us for responses.
-    pub client_bell: Doorbell,
+    /// Waited on by us for responses (an eventfd doorbell).
+    pub client_bell: EventDoorbell,
 }
 
 impl ClientEnds {
-    /// Takes the client's ends of `segment`. Call once per connection.
-    pub fn open(segment: &Arc<Segment>) -> Result<Self, LayoutError> {
+    /// Takes the client's ends of `segment`, with the eventfd of the client's
+    /// doorbell. Call once per connection.
+    pub fn open(segment: &Arc<Segment>, client_bell: OwnedFd) -> Result<Self, LayoutError> {
         Ok(ClientEnds {
             requests: segment.ring_producer(tags::REQUESTS)?,
             responses: segment.ring_consumer(tags::RESPONSES)?,
@@ -133,7 +149,7 @@ impl ClientEnds {
             pool: segment.pool(tags::CLIENT_POOL)?,
             peer_pool: segment.pool_view(tags::SERVER_POOL)?,
             server_bell: segment.doorbell(tags::SERVER_BELL)?,
-            client_bell: segment.doorbell(tags::CLIENT_BELL)?,
+            client_bell: segment.event_doorbell(tags::CLIENT_BELL, client_bell)?,
         })
     }
 }
@@ -154,13 +170,14 @@ pub struct ServerEnds {
     pub peer_pool: PoolView,
     /// Waited on by us for requests.
     pub server_bell: Doorbell,
-    /// Rung by us after pushing a response.
-    pub client_bell: Doorbell,
+    /// Rung by us after pushing a response (an eventfd doorbell).
+    pub client_bell: EventDoorbell,
 }
 
 impl ServerEnds {
-    /// Takes the server's ends of `segment`. Call once per connection.
-    pub fn open(segment: &Arc<Segment>) -> Result<Self, LayoutError> {
+    /// Takes the server's ends of `segment`, with our copy of the eventfd of
+    /// the client's doorbell. Call once per connection.
+    pub fn open(segment: &Arc<Segment>, client_bell: OwnedFd) -> Result<Self, LayoutError> {
         Ok(ServerEnds {
             requests: segment.ring_consumer(tags::REQUESTS)?,
             responses: segment.ring_producer(tags::RESPONSES)?,
@@ -169,7 +186,7 @@ impl ServerEnds {
             pool: segment.pool(tags::SERVER_POOL)?,
             peer_pool: segment.pool_view(tags::CLIENT_POOL)?,
             server_bell: segment.doorbell(tags::SERVER_BELL)?,
-            client_bell: segment.doorbell(tags::CLIENT_BELL)?,
+            client_bell: segment.event_doorbell(tags::CLIENT_BELL, client_bell)?,
         })
     }
 }

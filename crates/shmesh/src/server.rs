@@ -303,20 +303,28 @@ fn serve_connection(
 ) -> Result<(), ConnectionError> {
     conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
-    let mut made: Option<Arc<Segment>> = None;
+    let mut made: Option<(Arc<Segment>, OwnedFd)> = None;
     let accepted = socket::server_handshake(&mut conn, policy, id, |limits| {
         let segment = layout::create(id as u32, limits)?;
-        let fd: OwnedFd = segment.fd().try_clone_to_owned().map_err(|e| {
-            LayoutError::Create(shmesh_shm::segment::CreateError::System {
-                step: "share",
-                source: e,
+        let share = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned().map_err(|e| {
+                LayoutError::Create(shmesh_shm::segment::CreateError::System {
+                    step: "share",
+                    source: e,
+                })
             })
-        })?;
-        made = Some(segment);
-        Ok::<_, LayoutError>(vec![(FdRole::Segment, fd)])
+        };
+        let segment_fd = share(segment.fd())?;
+        let bell = layout::client_bell_fd()?;
+        let bell_for_client = share(bell.as_fd())?;
+        made = Some((segment, bell));
+        Ok::<_, LayoutError>(vec![
+            (FdRole::Segment, segment_fd),
+            (FdRole::ClientDoorbell, bell_for_client),
+        ])
     })
     .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
-    let Some(segment) = made else {
+    let Some((segment, client_bell)) = made else {
         return Err(ConnectionError::Handshake("no segment was made".into()));
     };
     let peer = accepted.peer;
@@ -327,7 +335,7 @@ fn serve_connection(
         uid = peer.uid,
         "client connected"
     );
-    let mut ends = ServerEnds::open(&segment)?;
+    let mut ends = ServerEnds::open(&segment, client_bell)?;
     let policy_wait = layout::wait_policy(&granted);
 
     // The socket is the liveness signal: it closes when the client dies.

@@ -207,9 +207,13 @@ fn a_hostile_client_is_cut_off_and_the_others_are_served() {
             requested: Limits::default(),
         };
         let (welcome, fds) = shmesh::client_handshake(&mut conn, &hello).unwrap();
-        assert_eq!(welcome.fds.as_slice(), &[FdRole::Segment]);
-        let segment = shmesh_shm::segment::Segment::open(fds.into_iter().next().unwrap()).unwrap();
-        let mut ends = shmesh::layout::ClientEnds::open(&segment).unwrap();
+        assert_eq!(
+            welcome.fds.as_slice(),
+            &[FdRole::Segment, FdRole::ClientDoorbell]
+        );
+        let mut fds = fds.into_iter();
+        let segment = shmesh_shm::segment::Segment::open(fds.next().unwrap()).unwrap();
+        let mut ends = shmesh::layout::ClientEnds::open(&segment, fds.next().unwrap()).unwrap();
         let bad = Descriptor {
             call_id: 1,
             method_id: ECHO,
