@@ -35,7 +35,7 @@ use crate::{Address, AddressError};
 
 /// How often a waiting caller re-checks liveness and its deadline when
 /// nothing wakes it.
-const LIVENESS_SLICE: Duration = Duration::from_millis(20);
+pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(20);
 
 /// Options of a [`Channel`].
 #[derive(Debug, Clone)]
@@ -95,18 +95,36 @@ pub enum ChannelError {
 }
 
 /// A call in flight.
-struct Pending {
+pub(crate) struct Pending {
     /// The request's slab: the server reads it until it answers, so it is
     /// freed when the response arrives (a unary response releases its
     /// request), whoever collects the response.
     request: Option<shmesh_shm::handle::SlabHandle>,
-    state: CallState,
+    pub(crate) state: CallState,
+}
+
+/// Who to wake when a call's answer is in.
+pub(crate) enum Waiter {
+    /// A blocking caller.
+    Thread(Thread),
+    /// An async caller (`None` until its future is first polled).
+    Task(Option<std::task::Waker>),
+}
+
+impl Waiter {
+    fn wake(&self) {
+        match self {
+            Waiter::Thread(t) => t.unpark(),
+            Waiter::Task(Some(w)) => w.wake_by_ref(),
+            Waiter::Task(None) => {}
+        }
+    }
 }
 
 /// Where a call's answer is.
-enum CallState {
-    /// The caller is waiting; wake this thread when the answer is in.
-    Waiting(Thread),
+pub(crate) enum CallState {
+    /// The caller is waiting; wake it when the answer is in.
+    Waiting(Waiter),
     /// The answer arrived while its caller was not reading.
     Done(Descriptor),
     /// The caller gave up (deadline); the answer, when it comes, only frees
@@ -114,21 +132,21 @@ enum CallState {
     Abandoned,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     ends_send: Mutex<SendSide>,
-    ends_recv: Mutex<shmesh_shm::ring::Consumer<Descriptor>>,
+    pub(crate) ends_recv: Mutex<shmesh_shm::ring::Consumer<Descriptor>>,
     returned: Mutex<shmesh_shm::ring::Consumer<shmesh_shm::handle::SlabHandle>>,
     give_back: Mutex<shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>>,
     pool: Arc<shmesh_shm::pool::Pool>,
     peer_pool: shmesh_shm::pool::PoolView,
     server_bell: shmesh_shm::doorbell::Doorbell,
-    client_bell: shmesh_shm::doorbell::EventDoorbell,
+    pub(crate) client_bell: shmesh_shm::doorbell::EventDoorbell,
     policy: WaitPolicy,
     granted: Limits,
     max_message: u64,
     next_call: AtomicU64,
-    pending: Mutex<HashMap<u64, Pending>>,
-    dead: AtomicBool,
+    pub(crate) pending: Mutex<HashMap<u64, Pending>>,
+    pub(crate) dead: AtomicBool,
     /// Why the channel died, once it has.
     death: Mutex<Option<String>>,
     /// The socket, shut down when the last clone of the channel goes, so the
@@ -151,7 +169,7 @@ struct SendSide {
 /// threads. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
 pub struct Channel {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Channel {
@@ -365,7 +383,7 @@ fn watch(mut conn: Connection, inner: std::sync::Weak<Inner>) {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -377,13 +395,13 @@ impl Inner {
         self.dead.store(true, Ordering::Release);
         self.client_bell.notify();
         for p in lock(&self.pending).values() {
-            if let CallState::Waiting(t) = &p.state {
-                t.unpark();
+            if let CallState::Waiting(w) = &p.state {
+                w.wake();
             }
         }
     }
 
-    fn unavailable(&self) -> Status {
+    pub(crate) fn unavailable(&self) -> Status {
         let why = lock(&self.death)
             .clone()
             .unwrap_or_else(|| "connection is dead".to_owned());
@@ -434,7 +452,7 @@ impl Inner {
         self.send(method, buf, timeout)
     }
 
-    fn loan(&self, len: usize, deadline: Option<Instant>) -> Result<RequestBuf, Status> {
+    pub(crate) fn loan(&self, len: usize, deadline: Option<Instant>) -> Result<RequestBuf, Status> {
         if self.dead.load(Ordering::Acquire) {
             return Err(self.unavailable());
         }
@@ -458,6 +476,26 @@ impl Inner {
         request: RequestBuf,
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let call = self.start(
+            method,
+            request,
+            timeout,
+            Waiter::Thread(std::thread::current()),
+        )?;
+        let answer = self.wait_for(call.call_id, deadline);
+        self.end(call, answer)
+    }
+
+    /// Registers and pushes a call; the returned guard abandons it if the
+    /// caller goes away before [`Inner::end`].
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        method: u32,
+        request: RequestBuf,
+        timeout: Option<Duration>,
+        waiter: Waiter,
+    ) -> Result<CallGuard, Status> {
         if self.dead.load(Ordering::Acquire) {
             return Err(self.unavailable());
         }
@@ -484,7 +522,7 @@ impl Inner {
             call_id,
             Pending {
                 request: request_slab,
-                state: CallState::Waiting(std::thread::current()),
+                state: CallState::Waiting(waiter),
             },
         );
         if let Err(status) = self.push_request(d, deadline) {
@@ -497,10 +535,21 @@ impl Inner {
             return Err(status);
         }
         self.server_bell.notify();
-        let answer = self.wait_for(call_id, deadline);
-        if answer.is_err() {
-            self.abandon(call_id);
-        }
+        Ok(CallGuard {
+            inner: self.clone(),
+            call_id,
+            ended: false,
+        })
+    }
+
+    /// Ends a call with the outcome of its wait.
+    pub(crate) fn end(
+        self: &Arc<Self>,
+        mut call: CallGuard,
+        answer: Result<Descriptor, Status>,
+    ) -> Result<Response, Status> {
+        call.ended = answer.is_ok();
+        drop(call);
         self.finish(answer?)
     }
 
@@ -543,7 +592,7 @@ impl Inner {
             return Ok(Some(d));
         }
         match std::mem::replace(&mut entry.state, CallState::Done(d)) {
-            CallState::Waiting(t) => t.unpark(),
+            CallState::Waiting(w) => w.wake(),
             CallState::Abandoned => {
                 pending.remove(&d.call_id);
                 drop(pending);
@@ -649,20 +698,8 @@ impl Inner {
         call_id: u64,
         deadline: Option<Instant>,
     ) -> Result<Option<Descriptor>, Status> {
-        let mut mine = None;
-        loop {
-            match ring.try_pop() {
-                Ok(Some(d)) => {
-                    if let Some(d) = self.complete(d, call_id)? {
-                        mine = Some(d);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return Err(self.broken(format!("response ring corrupt: {e}"))),
-            }
-        }
-        if mine.is_some() {
-            return Ok(mine);
+        if let Some(d) = self.collect(ring, call_id)? {
+            return Ok(Some(d));
         }
         let slice = match deadline {
             Some(d) => d
@@ -678,14 +715,35 @@ impl Inner {
         Ok(None)
     }
 
+    /// Pops every response there is, handing each to its caller; returns
+    /// `call_id`'s if it was among them.
+    pub(crate) fn collect(
+        &self,
+        ring: &mut shmesh_shm::ring::Consumer<Descriptor>,
+        call_id: u64,
+    ) -> Result<Option<Descriptor>, Status> {
+        let mut mine = None;
+        loop {
+            match ring.try_pop() {
+                Ok(Some(d)) => {
+                    if let Some(d) = self.complete(d, call_id)? {
+                        mine = Some(d);
+                    }
+                }
+                Ok(None) => return Ok(mine),
+                Err(e) => return Err(self.broken(format!("response ring corrupt: {e}"))),
+            }
+        }
+    }
+
     /// Wakes one waiting caller so it takes over reading responses.
-    fn promote_a_follower(&self) {
-        if let Some(CallState::Waiting(t)) = lock(&self.pending)
+    pub(crate) fn promote_a_follower(&self) {
+        if let Some(CallState::Waiting(w)) = lock(&self.pending)
             .values()
             .map(|p| &p.state)
             .find(|s| matches!(s, CallState::Waiting(_)))
         {
-            t.unpark();
+            w.wake();
         }
     }
 
@@ -710,7 +768,27 @@ impl Inner {
     }
 }
 
-fn take_if_done(pending: &mut HashMap<u64, Pending>, call_id: u64) -> Option<Descriptor> {
+/// A call between [`Inner::start`] and [`Inner::end`]. Dropped early (a
+/// timed-out wait, a cancelled future), it abandons the call: its entry
+/// stays until the answer comes and frees the slabs.
+pub(crate) struct CallGuard {
+    inner: Arc<Inner>,
+    pub(crate) call_id: u64,
+    ended: bool,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.inner.abandon(self.call_id);
+        }
+    }
+}
+
+pub(crate) fn take_if_done(
+    pending: &mut HashMap<u64, Pending>,
+    call_id: u64,
+) -> Option<Descriptor> {
     match pending.get(&call_id).map(|p| &p.state) {
         Some(CallState::Done(_)) => match pending.remove(&call_id)?.state {
             CallState::Done(d) => Some(d),

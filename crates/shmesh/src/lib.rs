@@ -47,6 +47,8 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+#[cfg(feature = "tokio")]
+pub mod asynchronous;
 pub mod client;
 pub mod deadline;
 pub mod handshake;
