@@ -164,12 +164,13 @@ pub struct ServerEnds {
     pub give_back: Producer<SlabHandle>,
     /// Response slabs the client gives back.
     pub returned: Consumer<SlabHandle>,
-    /// Our pool (responses).
-    pub pool: Pool,
-    /// The client's pool (requests), read-only.
-    pub peer_pool: PoolView,
-    /// Waited on by us for requests.
-    pub server_bell: Doorbell,
+    /// Our pool (responses); shared with the threads running offloaded
+    /// handlers.
+    pub pool: Arc<Pool>,
+    /// The client's pool (requests), read-only; shared likewise.
+    pub peer_pool: Arc<PoolView>,
+    /// Waited on by us for requests (and for offloaded handlers' answers).
+    pub server_bell: Arc<Doorbell>,
     /// Rung by us after pushing a response (an eventfd doorbell).
     pub client_bell: EventDoorbell,
 }
@@ -183,9 +184,9 @@ impl ServerEnds {
             responses: segment.ring_producer(tags::RESPONSES)?,
             give_back: segment.ring_producer(tags::TO_CLIENT)?,
             returned: segment.ring_consumer(tags::TO_SERVER)?,
-            pool: segment.pool(tags::SERVER_POOL)?,
-            peer_pool: segment.pool_view(tags::CLIENT_POOL)?,
-            server_bell: segment.doorbell(tags::SERVER_BELL)?,
+            pool: Arc::new(segment.pool(tags::SERVER_POOL)?),
+            peer_pool: Arc::new(segment.pool_view(tags::CLIENT_POOL)?),
+            server_bell: Arc::new(segment.doorbell(tags::SERVER_BELL)?),
             client_bell: segment.event_doorbell(tags::CLIENT_BELL, client_bell)?,
         })
     }

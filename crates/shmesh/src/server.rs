@@ -57,6 +57,8 @@ pub type InPlaceHandler = dyn Fn(&Request<'_>, &mut Reply<'_>) -> Result<(), Sta
 enum Route {
     Copying(Box<Handler>),
     InPlace(Box<InPlaceHandler>),
+    /// Run on the server's worker threads, off the connection's thread.
+    Offloaded(Box<Handler>),
 }
 
 /// Where an in-place handler writes its response: a slab of the server's
@@ -121,6 +123,21 @@ impl Router {
         self
     }
 
+    /// Serves `method` with a handler that may block (I/O, long work): it runs
+    /// on the server's worker threads, so the connection goes on serving its
+    /// other calls meanwhile, and answers may overtake each other. Costs two
+    /// thread hand-offs per call; handlers that return quickly belong in
+    /// [`Router::route`], which runs them on the connection's own thread.
+    pub fn route_blocking(
+        mut self,
+        method: u32,
+        handler: impl Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::Offloaded(Box::new(handler)));
+        self
+    }
+
     /// Serves `method` with a handler that writes its response in place:
     /// the zero-copy way to answer.
     ///
@@ -154,6 +171,9 @@ pub enum ServerError {
     /// The socket could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// The worker threads could not start.
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A server for one service at one address.
@@ -165,6 +185,58 @@ pub struct Server {
     next_connection: AtomicU64,
     live: Arc<AtomicU64>,
     stats: Arc<Stats>,
+    workers: Workers,
+}
+
+/// A job for a worker thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that run offloaded handlers, shared by all connections.
+/// They exit when the server (the queue's sender) is dropped.
+struct Workers {
+    queue: std::sync::mpsc::Sender<Job>,
+}
+
+impl Workers {
+    fn start(count: usize) -> std::io::Result<Self> {
+        let (queue, jobs) = std::sync::mpsc::channel::<Job>();
+        let jobs = Arc::new(std::sync::Mutex::new(jobs));
+        for n in 0..count.max(1) {
+            let jobs = jobs.clone();
+            std::thread::Builder::new()
+                .name(format!("shmesh-worker-{n}"))
+                .spawn(move || {
+                    loop {
+                        let job = match jobs.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(poisoned) => poisoned.into_inner().recv(),
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(Workers { queue })
+    }
+}
+
+/// Answers of offloaded handlers, waiting for the connection's thread to
+/// send them (only it may push to the response ring).
+#[derive(Default)]
+struct Completions {
+    ready: std::sync::Mutex<Vec<Completion>>,
+    /// Completions waiting in `ready`: the condition the connection waits on.
+    queued: AtomicU64,
+    /// Offloaded calls not yet answered.
+    outstanding: AtomicU64,
+}
+
+struct Completion {
+    response: Descriptor,
+    code: Code,
+    elapsed: Duration,
 }
 
 /// Stops a running [`Server::serve`] from another thread.
@@ -201,6 +273,8 @@ impl Server {
             next_connection: AtomicU64::new(1),
             live: Arc::new(AtomicU64::new(0)),
             stats: Arc::new(Stats::default()),
+            workers: Workers::start(std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .map_err(ServerError::Workers)?,
         })
     }
 
@@ -258,11 +332,13 @@ impl Server {
                 self.live.clone(),
                 self.stats.clone(),
             );
+            let jobs = self.workers.queue.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("shmesh-conn-{id}"))
                 .spawn(move || {
                     live.fetch_add(1, Ordering::AcqRel);
-                    if let Err(e) = serve_connection(conn, id, &policy, &router, &shutdown, &stats)
+                    if let Err(e) =
+                        serve_connection(conn, id, &policy, &router, &shutdown, &stats, &jobs)
                     {
                         tracing::warn!(connection = id, "connection closed: {e}");
                     }
@@ -297,9 +373,10 @@ fn serve_connection(
     mut conn: Connection,
     id: u64,
     policy: &ServerPolicy,
-    router: &Router,
+    router: &Arc<Router>,
     shutdown: &AtomicBool,
     stats: &Arc<Stats>,
+    jobs: &std::sync::mpsc::Sender<Job>,
 ) -> Result<(), ConnectionError> {
     conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| ConnectionError::Handshake(e.to_string()))?;
@@ -362,16 +439,15 @@ fn serve_connection(
             .map_err(ConnectionError::Thread)?;
     }
 
-    let mut recorder = stats.connection(id, peer);
-    let result = call_loop(
-        &mut ends,
-        router,
-        &peer,
-        policy_wait,
-        &dead,
-        shutdown,
-        &mut recorder,
-    );
+    let mut connection = ConnectionState {
+        router: router.clone(),
+        peer,
+        dead,
+        recorder: stats.connection(id, peer),
+        completions: Arc::new(Completions::default()),
+        jobs: jobs.clone(),
+    };
+    let result = call_loop(&mut ends, &mut connection, policy_wait, shutdown);
     // Shut the socket down rather than only close it: the watcher holds a
     // duplicate of it, and both must see the end. The client learns we are
     // gone.
@@ -379,25 +455,41 @@ fn serve_connection(
     result
 }
 
+/// What the connection's thread holds about its connection.
+struct ConnectionState {
+    router: Arc<Router>,
+    peer: PeerCredentials,
+    dead: Arc<AtomicBool>,
+    recorder: ConnectionRecorder,
+    completions: Arc<Completions>,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
 fn call_loop(
     ends: &mut ServerEnds,
-    router: &Router,
-    peer: &PeerCredentials,
+    conn: &mut ConnectionState,
     policy: shmesh_shm::doorbell::WaitPolicy,
-    dead: &AtomicBool,
     shutdown: &AtomicBool,
-    recorder: &mut ConnectionRecorder,
 ) -> Result<(), ConnectionError> {
     loop {
+        send_completions(ends, conn)?;
+        // Offloaded handlers allocate from the pool meanwhile: keep taking
+        // back what the client returned (one load when there is nothing).
+        drain_returned(ends)?;
         let request = match ends.requests.try_pop() {
             Ok(Some(d)) => d,
             Ok(None) => {
-                if dead.load(Ordering::Acquire) || shutdown.load(Ordering::Acquire) {
+                let dead = &conn.dead;
+                let completions = &conn.completions;
+                // Relaxed: a count, re-checked under its lock when taken.
+                let idle = completions.outstanding.load(Ordering::Relaxed) == 0;
+                if dead.load(Ordering::Acquire) || (shutdown.load(Ordering::Acquire) && idle) {
                     return Ok(());
                 }
                 let requests = &ends.requests;
                 let _ = ends.server_bell.wait_for(policy, LIVENESS_SLICE, || {
                     requests.has_pending_hint()
+                        || completions.queued.load(Ordering::Acquire) > 0
                         || dead.load(Ordering::Acquire)
                         || shutdown.load(Ordering::Acquire)
                 });
@@ -405,8 +497,39 @@ fn call_loop(
             }
             Err(e) => return Err(ConnectionError::Protocol(format!("request ring: {e}"))),
         };
-        serve_one(ends, router, peer, request, dead, recorder)?;
+        serve_one(ends, conn, request)?;
     }
+}
+
+/// Sends the answers offloaded handlers have finished.
+fn send_completions(
+    ends: &mut ServerEnds,
+    conn: &mut ConnectionState,
+) -> Result<(), ConnectionError> {
+    // Acquire: pairs with the Release increment of a worker that queued one.
+    if conn.completions.queued.load(Ordering::Acquire) == 0 {
+        return Ok(());
+    }
+    let ready = std::mem::take(
+        &mut *conn
+            .completions
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    // Relaxed: counts; the lock above ordered the completions themselves.
+    conn.completions
+        .queued
+        .fetch_sub(ready.len() as u64, Ordering::Relaxed);
+    conn.completions
+        .outstanding
+        .fetch_sub(ready.len() as u64, Ordering::Relaxed);
+    for c in ready {
+        conn.recorder
+            .record(c.response.method_id, c.code, c.elapsed);
+        send_response(ends, c.response, &conn.dead)?;
+    }
+    Ok(())
 }
 
 /// What a handler answered.
@@ -421,11 +544,8 @@ enum Answer<'p> {
 
 fn serve_one(
     ends: &mut ServerEnds,
-    router: &Router,
-    peer: &PeerCredentials,
+    conn: &mut ConnectionState,
     d: Descriptor,
-    dead: &AtomicBool,
-    recorder: &mut ConnectionRecorder,
 ) -> Result<(), ConnectionError> {
     let started = std::time::Instant::now();
     // Take back response slabs first, so an in-place handler finds one.
@@ -441,7 +561,7 @@ fn serve_one(
     let request = Request {
         method: d.method_id,
         payload,
-        peer: *peer,
+        peer: conn.peer,
         remaining,
     };
     let answer = if remaining.is_some_and(|r| r.is_zero()) {
@@ -449,7 +569,7 @@ fn serve_one(
             "deadline passed before the server started the call",
         ))
     } else {
-        match router.handlers.get(&d.method_id) {
+        match conn.router.handlers.get(&d.method_id) {
             None => Answer::Failed(Status::unimplemented(format!(
                 "method {} is not served here",
                 d.method_id
@@ -469,69 +589,140 @@ fn serve_one(
                     Err(status) => Answer::Failed(status),
                 }
             }
+            Some(Route::Offloaded(_)) => return offload(ends, conn, d, started),
         }
     };
     let code = match &answer {
         Answer::Failed(status) => status.code(),
         _ => Code::Ok,
     };
-    recorder.record(d.method_id, code, started.elapsed());
+    conn.recorder.record(d.method_id, code, started.elapsed());
     // The request's slab needs no giving back: a unary response releases
     // its request (the client frees the slab when the answer arrives).
-    // `answer` may borrow the pool; it must be gone before the ring is.
-    let response = {
-        let answer = answer;
-        let mut response = Descriptor {
-            call_id: d.call_id,
-            method_id: d.method_id,
-            flags: Flags::END,
-            ..Default::default()
+    let response = build_response(&ends.pool, &d, answer, &conn.dead)?;
+    send_response(ends, response, &conn.dead)
+}
+
+/// Hands call `d` to a worker thread; its answer comes back through the
+/// connection's completions.
+fn offload(
+    ends: &ServerEnds,
+    conn: &ConnectionState,
+    d: Descriptor,
+    started: std::time::Instant,
+) -> Result<(), ConnectionError> {
+    let (router, pool, peer_pool, bell) = (
+        conn.router.clone(),
+        ends.pool.clone(),
+        ends.peer_pool.clone(),
+        ends.server_bell.clone(),
+    );
+    let (completions, dead, peer) = (conn.completions.clone(), conn.dead.clone(), conn.peer);
+    // Relaxed: a count for the shutdown condition.
+    completions.outstanding.fetch_add(1, Ordering::Relaxed);
+    let job: Job = Box::new(move || {
+        // Checked by the connection's thread before the hand-off; the slab
+        // stays the server's to read until it answers.
+        let payload = if d.flags.contains(Flags::PAYLOAD) {
+            peer_pool.read(d.payload, d.len.into()).unwrap_or(&[])
+        } else {
+            &[]
         };
-        match answer {
-            Answer::InPlace(None, _) => {}
-            Answer::InPlace(Some(slab), len) => {
+        let request = Request {
+            method: d.method_id,
+            payload,
+            peer,
+            remaining: deadline::remaining(d.deadline_ns),
+        };
+        let answer = match router.handlers.get(&d.method_id) {
+            Some(Route::Offloaded(handler)) => match handler(&request) {
+                Ok(bytes) => Answer::Bytes(bytes),
+                Err(status) => Answer::Failed(status),
+            },
+            _ => Answer::Failed(Status::internal("offloaded method has no blocking handler")),
+        };
+        let code = match &answer {
+            Answer::Failed(status) => status.code(),
+            _ => Code::Ok,
+        };
+        // A client that died meanwhile takes its answer with it.
+        let Ok(response) = build_response(&pool, &d, answer, &dead) else {
+            return;
+        };
+        let mut ready = completions.ready.lock().unwrap_or_else(|e| e.into_inner());
+        ready.push(Completion {
+            response,
+            code,
+            elapsed: started.elapsed(),
+        });
+        drop(ready);
+        // Release: the completion above is visible to the connection's
+        // thread once it sees the count.
+        completions.queued.fetch_add(1, Ordering::Release);
+        bell.notify();
+    });
+    conn.jobs
+        .send(job)
+        .map_err(|_| ConnectionError::Protocol("the server's workers are gone".into()))
+}
+
+/// Turns a handler's answer into the response descriptor, writing its
+/// payload (bytes or an error status) into a slab of `pool`.
+fn build_response(
+    pool: &shmesh_shm::pool::Pool,
+    d: &Descriptor,
+    answer: Answer<'_>,
+    dead: &AtomicBool,
+) -> Result<Descriptor, ConnectionError> {
+    let mut response = Descriptor {
+        call_id: d.call_id,
+        method_id: d.method_id,
+        flags: Flags::END,
+        ..Default::default()
+    };
+    match answer {
+        Answer::InPlace(None, _) => {}
+        Answer::InPlace(Some(slab), len) => {
+            response.flags = response.flags | Flags::PAYLOAD;
+            response.len = len as u32;
+            response.payload = slab.send();
+        }
+        Answer::Bytes(bytes) if bytes.is_empty() => {}
+        Answer::Bytes(bytes) => {
+            if let Some(mut slab) = alloc_retrying(pool, bytes.len(), dead, &mut response)? {
+                slab[..bytes.len()].copy_from_slice(&bytes);
                 response.flags = response.flags | Flags::PAYLOAD;
-                response.len = len as u32;
+                response.len = bytes.len() as u32;
                 response.payload = slab.send();
             }
-            Answer::Bytes(bytes) if bytes.is_empty() => {}
-            Answer::Bytes(bytes) => {
-                if let Some(mut slab) = alloc_retrying(ends, bytes.len(), dead, &mut response)? {
-                    slab[..bytes.len()].copy_from_slice(&bytes);
-                    response.flags = response.flags | Flags::PAYLOAD;
-                    response.len = bytes.len() as u32;
-                    response.payload = slab.send();
-                }
-            }
-            Answer::Failed(status) => {
-                response.flags = response.flags | Flags::STATUS;
-                response.status = status.code() as u32;
-                let len = status.encoded_len();
-                if let Some(mut slab) = alloc_retrying(ends, len, dead, &mut response)?
-                    && let Ok(n) = status.encode_into(&mut slab)
-                {
-                    response.flags = response.flags | Flags::PAYLOAD;
-                    response.len = n as u32;
-                    response.payload = slab.send();
-                }
+        }
+        Answer::Failed(status) => {
+            response.flags = response.flags | Flags::STATUS;
+            response.status = status.code() as u32;
+            let len = status.encoded_len();
+            if let Some(mut slab) = alloc_retrying(pool, len, dead, &mut response)?
+                && let Ok(n) = status.encode_into(&mut slab)
+            {
+                response.flags = response.flags | Flags::PAYLOAD;
+                response.len = n as u32;
+                response.payload = slab.send();
             }
         }
-        response
-    };
-    send_response(ends, response, dead)
+    }
+    Ok(response)
 }
 
 /// A slab for a response of `len` bytes, waiting for the client to give
 /// slabs back while the pool is exhausted. A response too large for any slab
 /// becomes a `ResourceExhausted` status (written into `response`, no slab).
 fn alloc_retrying<'p>(
-    ends: &'p ServerEnds,
+    pool: &'p shmesh_shm::pool::Pool,
     len: usize,
     dead: &AtomicBool,
     response: &mut Descriptor,
 ) -> Result<Option<shmesh_shm::pool::SlabMut<'p>>, ConnectionError> {
     loop {
-        match ends.pool.alloc(len) {
+        match pool.alloc(len) {
             Ok(slab) => return Ok(Some(slab)),
             Err(AllocError::Exhausted { .. }) => {
                 if dead.load(Ordering::Acquire) {

@@ -247,3 +247,58 @@ fn server_counts_calls_by_method_code_and_connection() {
     }
     assert_eq!(stats.snapshot().connections_total, 1);
 }
+
+/// A blocking handler runs off the connection's thread: while it waits,
+/// other calls on the same connection are served, and its answer overtakes
+/// nothing it should not.
+#[test]
+fn blocking_handlers_do_not_hold_up_the_connection() {
+    use std::sync::{Arc, Condvar, Mutex};
+    const GATED: u32 = 10;
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let addr = address("offload");
+    let handler_gate = gate.clone();
+    let router = Router::new()
+        .route(ECHO, |r| Ok(r.payload.to_vec()))
+        .route_blocking(GATED, move |r| {
+            let (open, cv) = &*handler_gate;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                let (guard, timeout) = cv.wait_timeout(open, Duration::from_secs(30)).unwrap();
+                open = guard;
+                if timeout.timed_out() {
+                    return Err(Status::aborted("the test never opened the gate"));
+                }
+            }
+            Ok([r.payload, b" done"].concat())
+        });
+    let server = Server::bind(&addr, "test", SCHEMA, router).unwrap();
+    let stats = server.stats();
+    let _server = BackgroundServer::spawn(server).unwrap();
+    let channel = connect(&addr);
+    let gated: Vec<_> = (0..3u8)
+        .map(|i| {
+            let channel = channel.clone();
+            std::thread::spawn(move || {
+                channel.call(GATED, &[b'a' + i], Some(Duration::from_secs(60)))
+            })
+        })
+        .collect();
+    // The gated calls are in the server's hands; the connection still serves.
+    for i in 0..200u32 {
+        let r = channel
+            .call(ECHO, &i.to_le_bytes(), Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(&r[..], &i.to_le_bytes());
+    }
+    let (open, cv) = &*gate;
+    *open.lock().unwrap() = true;
+    cv.notify_all();
+    for (i, t) in gated.into_iter().enumerate() {
+        let r = t.join().unwrap().unwrap();
+        assert_eq!(&r[..], [&[b'a' + i as u8][..], b" done"].concat());
+    }
+    assert_eq!(channel.calls_in_flight(), 0);
+    assert_eq!(channel.pool_in_use(), 0);
+    assert_eq!(stats.snapshot().methods[&GATED].calls, 3);
+}
