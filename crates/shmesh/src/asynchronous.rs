@@ -124,7 +124,7 @@ impl AsyncChannel {
     ) -> Result<Response, Status> {
         let inner = &self.channel.inner;
         let deadline = timeout.map(|t| Instant::now() + t);
-        let call = inner.start(method, request, timeout, Waiter::Task(None))?;
+        let call = inner.start(method, request, timeout, deadline, Waiter::Task(None))?;
         let answer = self.wait(call.call_id, deadline).await;
         inner.end(call, answer)
     }

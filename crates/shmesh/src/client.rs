@@ -481,6 +481,7 @@ impl Inner {
             method,
             request,
             timeout,
+            deadline,
             Waiter::Thread(std::thread::current()),
         )?;
         let answer = self.wait_for(call.call_id, deadline);
@@ -494,12 +495,12 @@ impl Inner {
         method: u32,
         request: RequestBuf,
         timeout: Option<Duration>,
+        deadline: Option<Instant>,
         waiter: Waiter,
     ) -> Result<CallGuard, Status> {
         if self.dead.load(Ordering::Acquire) {
             return Err(self.unavailable());
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
         let call_id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let mut d = Descriptor {
             call_id,
@@ -674,18 +675,24 @@ impl Inner {
             if self.dead.load(Ordering::Acquire) {
                 return Err(self.unavailable());
             }
-            if deadline.is_some_and(|t| Instant::now() >= t) {
-                return Err(Status::deadline_exceeded("no response before the deadline"));
-            }
-            match self.ends_recv.try_lock() {
-                Ok(mut ring) => {
-                    if let Some(d) = self.lead(&mut ring, call_id, deadline)? {
+            // The clock is read only when a wait ran out, not on every pass.
+            let waited_out = match self.ends_recv.try_lock() {
+                Ok(mut ring) => match self.lead(&mut ring, call_id, deadline)? {
+                    Led::Mine(d) => {
                         drop(ring);
                         self.promote_a_follower();
                         return Ok(d);
                     }
+                    Led::Woken => false,
+                    Led::WaitedOut => true,
+                },
+                Err(_) => {
+                    std::thread::park_timeout(LIVENESS_SLICE);
+                    true
                 }
-                Err(_) => std::thread::park_timeout(LIVENESS_SLICE),
+            };
+            if waited_out && deadline.is_some_and(|t| Instant::now() >= t) {
+                return Err(Status::deadline_exceeded("no response before the deadline"));
             }
         }
     }
@@ -697,9 +704,9 @@ impl Inner {
         ring: &mut shmesh_shm::ring::Consumer<Descriptor>,
         call_id: u64,
         deadline: Option<Instant>,
-    ) -> Result<Option<Descriptor>, Status> {
+    ) -> Result<Led, Status> {
         if let Some(d) = self.collect(ring, call_id)? {
-            return Ok(Some(d));
+            return Ok(Led::Mine(d));
         }
         let slice = match deadline {
             Some(d) => d
@@ -708,11 +715,13 @@ impl Inner {
             None => LIVENESS_SLICE,
         };
         let dead = &self.dead;
-        // Timing out is fine: the caller re-checks liveness and its deadline.
-        let _: Result<(), WaitTimedOut> = self.client_bell.wait_for(self.policy, slice, || {
+        let waited = self.client_bell.wait_for(self.policy, slice, || {
             ring.has_pending_hint() || dead.load(Ordering::Acquire)
         });
-        Ok(None)
+        Ok(match waited {
+            Ok(()) => Led::Woken,
+            Err(WaitTimedOut) => Led::WaitedOut,
+        })
     }
 
     /// Pops every response there is, handing each to its caller; returns
@@ -766,6 +775,16 @@ impl Inner {
         }
         Ok(response)
     }
+}
+
+/// What a leader's turn came to.
+enum Led {
+    /// Our own answer.
+    Mine(Descriptor),
+    /// Something arrived (or the channel died): look again.
+    Woken,
+    /// The wait ran out: time to check the deadline.
+    WaitedOut,
 }
 
 /// A call between [`Inner::start`] and [`Inner::end`]. Dropped early (a
