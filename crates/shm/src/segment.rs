@@ -496,10 +496,6 @@ impl SegmentBuilder {
             e[3] = r.param_a;
             e[4] = r.param_b;
         }
-        if self.regions.len() > MAX_REGIONS {
-            // Make the count visible to the parser, which rejects it.
-            w[1] = u64::from(LAYOUT_VERSION) | ((self.regions.len() as u64) << 32);
-        }
         w
     }
 }

@@ -133,7 +133,7 @@ pub(crate) enum CallState {
 }
 
 pub(crate) struct Inner {
-    ends_send: Mutex<SendSide>,
+    ends_send: Mutex<shmesh_shm::ring::Producer<Descriptor>>,
     pub(crate) ends_recv: Mutex<shmesh_shm::ring::Consumer<Descriptor>>,
     returned: Mutex<shmesh_shm::ring::Consumer<shmesh_shm::handle::SlabHandle>>,
     give_back: Mutex<shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>>,
@@ -159,10 +159,6 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let _ = rustix::net::shutdown(&self.socket, rustix::net::Shutdown::Both);
     }
-}
-
-struct SendSide {
-    requests: shmesh_shm::ring::Producer<Descriptor>,
 }
 
 /// A connection to a shmesh server, for blocking calls from any number of
@@ -277,9 +273,7 @@ impl Channel {
             .try_clone_to_owned()
             .map_err(ChannelError::Socket)?;
         let inner = Arc::new(Inner {
-            ends_send: Mutex::new(SendSide {
-                requests: ends.requests,
-            }),
+            ends_send: Mutex::new(ends.requests),
             ends_recv: Mutex::new(ends.responses),
             returned: Mutex::new(ends.returned),
             give_back: Mutex::new(ends.give_back),
@@ -447,9 +441,10 @@ impl Inner {
         request: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
-        let mut buf = self.loan(request.len(), timeout.map(|t| Instant::now() + t))?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut buf = self.loan(request.len(), deadline)?;
         buf.copy_from_slice(request);
-        self.send(method, buf, timeout)
+        self.send_until(method, buf, timeout, deadline)
     }
 
     pub(crate) fn loan(&self, len: usize, deadline: Option<Instant>) -> Result<RequestBuf, Status> {
@@ -476,7 +471,22 @@ impl Inner {
         request: RequestBuf,
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        self.send_until(
+            method,
+            request,
+            timeout,
+            timeout.map(|t| Instant::now() + t),
+        )
+    }
+
+    /// [`Inner::send`] with the deadline `timeout` gives, already computed.
+    fn send_until(
+        self: &Arc<Self>,
+        method: u32,
+        request: RequestBuf,
+        timeout: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<Response, Status> {
         let call = self.start(
             method,
             request,
@@ -612,10 +622,6 @@ impl Inner {
         len: usize,
         deadline: Option<Instant>,
     ) -> Result<shmesh_shm::pool::OwnedSlab, Status> {
-        // Take back what the server returned before it can pile up: the
-        // return ring is smaller than the pool, and a server that finds it
-        // full waits for us. Cheap when it is empty (one load).
-        self.drain_returned()?;
         loop {
             match self.pool.alloc_owned(len) {
                 Ok(slab) => return Ok(slab),
@@ -644,7 +650,7 @@ impl Inner {
     fn push_request(&self, d: Descriptor, deadline: Option<Instant>) -> Result<(), Status> {
         let mut d = d;
         loop {
-            let pushed = lock(&self.ends_send).requests.try_push(d);
+            let pushed = lock(&self.ends_send).try_push(d);
             match pushed {
                 Ok(()) => return Ok(()),
                 Err(PushError::Full(back)) => {

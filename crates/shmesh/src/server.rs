@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use shmesh_shm::descriptor::{Descriptor, Flags};
 use shmesh_shm::pool::AllocError;
-use shmesh_shm::ring::{Entry, Producer, PushError};
+use shmesh_shm::ring::{Consumer, Entry, Producer, PushError};
 use shmesh_shm::segment::Segment;
 use thiserror::Error;
 
@@ -473,9 +473,10 @@ fn call_loop(
 ) -> Result<(), ConnectionError> {
     loop {
         send_completions(ends, conn)?;
-        // Offloaded handlers allocate from the pool meanwhile: keep taking
-        // back what the client returned (one load when there is nothing).
-        drain_returned(ends)?;
+        // Take back the response slabs the client returned, once per pass:
+        // handlers (here and on the workers) allocate from the pool next.
+        // One load when there is nothing.
+        drain_returned(&mut ends.returned, &ends.pool)?;
         let request = match ends.requests.try_pop() {
             Ok(Some(d)) => d,
             Ok(None) => {
@@ -548,8 +549,6 @@ fn serve_one(
     d: Descriptor,
 ) -> Result<(), ConnectionError> {
     let started = std::time::Instant::now();
-    // Take back response slabs first, so an in-place handler finds one.
-    drain_returned(ends)?;
     let payload: &[u8] = if d.flags.contains(Flags::PAYLOAD) {
         ends.peer_pool
             .read(d.payload, d.len.into())
@@ -599,7 +598,13 @@ fn serve_one(
     conn.recorder.record(d.method_id, code, started.elapsed());
     // The request's slab needs no giving back: a unary response releases
     // its request (the client frees the slab when the answer arrives).
-    let response = build_response(&ends.pool, &d, answer, &conn.dead)?;
+    // While the pool is exhausted, this thread is the one that can take
+    // slabs back from the client.
+    let pool = ends.pool.clone();
+    let returned = &mut ends.returned;
+    let response = build_response(&pool, &d, answer, &conn.dead, &mut || {
+        drain_returned(returned, &pool)
+    })?;
     send_response(ends, response, &conn.dead)
 }
 
@@ -646,7 +651,8 @@ fn offload(
             _ => Code::Ok,
         };
         // A client that died meanwhile takes its answer with it.
-        let Ok(response) = build_response(&pool, &d, answer, &dead) else {
+        // The connection's thread takes slabs back; a worker waits for it.
+        let Ok(response) = build_response(&pool, &d, answer, &dead, &mut || Ok(())) else {
             return;
         };
         let mut ready = completions.ready.lock().unwrap_or_else(|e| e.into_inner());
@@ -673,6 +679,7 @@ fn build_response(
     d: &Descriptor,
     answer: Answer<'_>,
     dead: &AtomicBool,
+    reclaim: &mut dyn FnMut() -> Result<(), ConnectionError>,
 ) -> Result<Descriptor, ConnectionError> {
     let mut response = Descriptor {
         call_id: d.call_id,
@@ -689,7 +696,8 @@ fn build_response(
         }
         Answer::Bytes(bytes) if bytes.is_empty() => {}
         Answer::Bytes(bytes) => {
-            if let Some(mut slab) = alloc_retrying(pool, bytes.len(), dead, &mut response)? {
+            if let Some(mut slab) = alloc_retrying(pool, bytes.len(), dead, reclaim, &mut response)?
+            {
                 slab[..bytes.len()].copy_from_slice(&bytes);
                 response.flags = response.flags | Flags::PAYLOAD;
                 response.len = bytes.len() as u32;
@@ -700,7 +708,7 @@ fn build_response(
             response.flags = response.flags | Flags::STATUS;
             response.status = status.code() as u32;
             let len = status.encoded_len();
-            if let Some(mut slab) = alloc_retrying(pool, len, dead, &mut response)?
+            if let Some(mut slab) = alloc_retrying(pool, len, dead, reclaim, &mut response)?
                 && let Ok(n) = status.encode_into(&mut slab)
             {
                 response.flags = response.flags | Flags::PAYLOAD;
@@ -712,13 +720,15 @@ fn build_response(
     Ok(response)
 }
 
-/// A slab for a response of `len` bytes, waiting for the client to give
-/// slabs back while the pool is exhausted. A response too large for any slab
-/// becomes a `ResourceExhausted` status (written into `response`, no slab).
+/// A slab for a response of `len` bytes, taking slabs back (`reclaim`) and
+/// waiting for the client to return more while the pool is exhausted. A
+/// response too large for any slab becomes a `ResourceExhausted` status
+/// (written into `response`, no slab).
 fn alloc_retrying<'p>(
     pool: &'p shmesh_shm::pool::Pool,
     len: usize,
     dead: &AtomicBool,
+    reclaim: &mut dyn FnMut() -> Result<(), ConnectionError>,
     response: &mut Descriptor,
 ) -> Result<Option<shmesh_shm::pool::SlabMut<'p>>, ConnectionError> {
     loop {
@@ -728,6 +738,7 @@ fn alloc_retrying<'p>(
                 if dead.load(Ordering::Acquire) {
                     return Err(ConnectionError::Protocol("client died".into()));
                 }
+                reclaim()?;
                 std::thread::yield_now();
             }
             Err(e @ AllocError::TooLarge { .. }) => {
@@ -745,17 +756,19 @@ fn send_response(
     response: Descriptor,
     dead: &AtomicBool,
 ) -> Result<(), ConnectionError> {
-    drain_returned(ends)?;
     push_retrying(&mut ends.responses, response, dead, "response ring")?;
     ends.client_bell.notify();
     Ok(())
 }
 
-fn drain_returned(ends: &mut ServerEnds) -> Result<(), ConnectionError> {
+/// Gives every response slab the client returned back to the pool.
+fn drain_returned(
+    returned: &mut Consumer<shmesh_shm::handle::SlabHandle>,
+    pool: &shmesh_shm::pool::Pool,
+) -> Result<(), ConnectionError> {
     loop {
-        match ends.returned.try_pop() {
-            Ok(Some(h)) => ends
-                .pool
+        match returned.try_pop() {
+            Ok(Some(h)) => pool
                 .release_returned(h)
                 .map_err(|e| ConnectionError::Protocol(format!("returned slab: {e}")))?,
             Ok(None) => return Ok(()),
