@@ -19,15 +19,15 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use shmesh_shm::descriptor::Descriptor;
 use shmesh_shm::doorbell::EventDoorbell;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::client::{
-    CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE, RequestBuf, Response,
-    Waiter, lock, take_if_done,
+    Answer, CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE, RequestBuf,
+    Response, lock, take_if_done,
 };
+use crate::mailbox::Waiter;
 use crate::status::Status;
 
 /// A connection to a shmesh server for async callers. Cheap to clone.
@@ -126,10 +126,10 @@ impl AsyncChannel {
         let deadline = timeout.map(|t| Instant::now() + t);
         let call = inner.start(method, request, timeout, deadline, Waiter::Task(None))?;
         let answer = self.wait(call.call_id, deadline).await;
-        inner.end(call, answer)
+        inner.end(call, answer, deadline)
     }
 
-    async fn wait(&self, call_id: u64, deadline: Option<Instant>) -> Result<Descriptor, Status> {
+    async fn wait(&self, call_id: u64, deadline: Option<Instant>) -> Result<Answer, Status> {
         let inner: &Arc<Inner> = &self.channel.inner;
         loop {
             if let Some(d) = take_if_done(&mut lock(&inner.pending), call_id) {

@@ -109,7 +109,7 @@ pub const MAGIC: [u8; 4] = *b"SHMH";
 pub const WIRE_VERSION: u16 = 1;
 /// The connection protocol version this build speaks (see the module docs
 /// for how it differs from [`WIRE_VERSION`]).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes in a message header.
 pub const HEADER_LEN: usize = 12;
 /// Largest body [`decode`] accepts. Every message [`encode`] produces is
@@ -442,7 +442,8 @@ pub struct Limits {
 impl Default for Limits {
     /// A 256-deep ring; the default pool of `shmesh-shm` (256 B × 1024,
     /// 4 KiB × 256, 64 KiB × 32, 1 MiB × 4); adaptive waiting with a 50 µs
-    /// spin; messages up to 1 MiB.
+    /// spin; messages up to 64 MiB (those above the largest slab travel in
+    /// chunks).
     fn default() -> Self {
         Limits {
             ring_depth: 256,
@@ -466,7 +467,7 @@ impl Default for Limits {
             ]),
             wait_mode: WaitMode::Adaptive,
             spin_ns: 50_000,
-            max_message: 1 << 20,
+            max_message: 64 << 20,
         }
     }
 }
@@ -1850,7 +1851,7 @@ mod tests {
         );
         let text = refuse.to_string();
         assert!(
-            text.contains("version 7") && text.contains("version 1"),
+            text.contains("version 7") && text.contains(&format!("version {PROTOCOL_VERSION}")),
             "{text}"
         );
     }
@@ -1994,11 +1995,11 @@ mod tests {
             &RefuseReason::LimitsRefused {
                 field: LimitField::MaxMessage,
                 requested: 0,
-                limit: 1 << 20
+                limit: 64 << 20
             }
         );
         h.requested.max_message = 1 << 30;
-        assert_eq!(negotiate(&h, &policy()).unwrap().max_message, 1 << 20);
+        assert_eq!(negotiate(&h, &policy()).unwrap().max_message, 64 << 20);
     }
 
     #[test]

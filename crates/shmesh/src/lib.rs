@@ -53,6 +53,8 @@ pub mod client;
 pub mod deadline;
 pub mod handshake;
 pub mod layout;
+mod mailbox;
+pub mod protocol;
 pub mod server;
 pub mod socket;
 pub mod stats;

@@ -129,9 +129,14 @@ fn deadlines_travel_and_expire() {
 fn oversize_request_is_resource_exhausted() {
     let (_server, addr) = start("oversize");
     let channel = connect(&addr);
-    let err = channel.call(ECHO, &vec![0; 2 << 20], None).unwrap_err();
+    let limit = channel.limits().max_message;
+    assert_eq!(limit, 64 << 20, "the default limit");
+    let err = channel
+        .call(ECHO, &vec![0; limit as usize + 1], None)
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains("limit"), "{err}");
+    assert!(err.message().contains("67108864"), "{err}");
+    assert_eq!(channel.pool_in_use(), 0);
 }
 
 #[test]
@@ -190,10 +195,17 @@ fn zero_copy_both_ways() {
         .send(ECHO_IN_PLACE, channel.loan(0, None).unwrap(), None)
         .unwrap();
     assert!(empty.is_empty());
-    // A reply larger than the largest slab is the handler's error to report.
-    let big = channel.loan(600_000, None).unwrap();
-    let err = channel.send(ECHO_IN_PLACE, big, None).unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    // A reply larger than the largest slab travels in chunks, and so does a
+    // request loaned larger than a slab.
+    for len in [600_000usize, 3 << 20] {
+        let mut big = channel.loan(len, None).unwrap();
+        for (i, b) in big.iter_mut().enumerate() {
+            *b = (i % 253) as u8;
+        }
+        let expected: Vec<u8> = big.iter().chain(big.iter()).copied().collect();
+        let response = channel.send(ECHO_IN_PLACE, big, None).unwrap();
+        assert!(response[..] == expected[..], "len {len}");
+    }
     // A loan dropped unsent goes back to the pool.
     drop(channel.loan(100, None).unwrap());
     assert_eq!(channel.pool_in_use(), 0);

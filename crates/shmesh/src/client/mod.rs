@@ -13,10 +13,11 @@
 //! on it, and when the server dies the socket closes, the channel is marked
 //! dead and every caller in flight gets [`Code::Unavailable`] at once.
 
+mod call;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use shmesh_shm::descriptor::{Descriptor, Flags};
@@ -29,9 +30,13 @@ use thiserror::Error;
 use crate::deadline;
 use crate::handshake::{FdRole, Hello, Limits, PROTOCOL_VERSION, SchemaHash, ServiceName};
 use crate::layout::{self, ClientEnds, LayoutError};
+use crate::mailbox::{Mailbox, Waiter};
+use crate::protocol::{self, MESSAGE, OPEN};
 use crate::socket::{self, ConnectError, Connection};
 use crate::status::{Code, Status};
 use crate::{Address, AddressError};
+
+pub use call::Call;
 
 /// How often a waiting caller re-checks liveness and its deadline when
 /// nothing wakes it.
@@ -103,24 +108,6 @@ pub(crate) struct Pending {
     pub(crate) state: CallState,
 }
 
-/// Who to wake when a call's answer is in.
-pub(crate) enum Waiter {
-    /// A blocking caller.
-    Thread(Thread),
-    /// An async caller (`None` until its future is first polled).
-    Task(Option<std::task::Waker>),
-}
-
-impl Waiter {
-    fn wake(&self) {
-        match self {
-            Waiter::Thread(t) => t.unpark(),
-            Waiter::Task(Some(w)) => w.wake_by_ref(),
-            Waiter::Task(None) => {}
-        }
-    }
-}
-
 /// Where a call's answer is.
 pub(crate) enum CallState {
     /// The caller is waiting; wake it when the answer is in.
@@ -130,14 +117,19 @@ pub(crate) enum CallState {
     /// The caller gave up (deadline); the answer, when it comes, only frees
     /// the slabs.
     Abandoned,
+    /// A stream, or a unary call whose answer comes in chunks: everything
+    /// for it goes to its mailbox.
+    Streaming(Arc<Mailbox>),
 }
 
 pub(crate) struct Inner {
     ends_send: Mutex<shmesh_shm::ring::Producer<Descriptor>>,
     pub(crate) ends_recv: Mutex<shmesh_shm::ring::Consumer<Descriptor>>,
     returned: Mutex<shmesh_shm::ring::Consumer<shmesh_shm::handle::SlabHandle>>,
-    give_back: Mutex<shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>>,
+    give_back: Mutex<GiveBack>,
     pool: Arc<shmesh_shm::pool::Pool>,
+    /// The largest slab of our pool: larger requests go in chunks.
+    max_slab: usize,
     peer_pool: shmesh_shm::pool::PoolView,
     server_bell: shmesh_shm::doorbell::Doorbell,
     pub(crate) client_bell: shmesh_shm::doorbell::EventDoorbell,
@@ -161,6 +153,13 @@ impl Drop for Inner {
     }
 }
 
+/// Response slabs to give back to the server, and those that did not fit
+/// the return ring yet (retried on the next give-back; never waited on).
+struct GiveBack {
+    ring: shmesh_shm::ring::Producer<shmesh_shm::handle::SlabHandle>,
+    overflow: Vec<shmesh_shm::handle::SlabHandle>,
+}
+
 /// A connection to a shmesh server, for blocking calls from any number of
 /// threads. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
@@ -178,22 +177,38 @@ impl std::fmt::Debug for Channel {
 
 /// A request buffer in shared memory, from [`Channel::loan`]: derefs to
 /// exactly the bytes asked for. Dropping it unsent gives the slab back.
+/// (A buffer larger than the largest slab lives on the heap and is sent in
+/// chunks.)
 pub struct RequestBuf {
-    slab: Option<shmesh_shm::pool::OwnedSlab>,
+    body: RequestBody,
     len: usize,
+}
+
+enum RequestBody {
+    Empty,
+    Slab(shmesh_shm::pool::OwnedSlab),
+    Heap(Vec<u8>),
 }
 
 impl std::ops::Deref for RequestBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.slab.as_ref().map_or(&[], |s| &s[..self.len])
+        match &self.body {
+            RequestBody::Empty => &[],
+            RequestBody::Slab(s) => &s[..self.len],
+            RequestBody::Heap(v) => v,
+        }
     }
 }
 
 impl std::ops::DerefMut for RequestBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         let len = self.len;
-        self.slab.as_mut().map_or(&mut [], |s| &mut s[..len])
+        match &mut self.body {
+            RequestBody::Empty => &mut [],
+            RequestBody::Slab(s) => &mut s[..len],
+            RequestBody::Heap(v) => v,
+        }
     }
 }
 
@@ -205,24 +220,57 @@ impl std::fmt::Debug for RequestBuf {
     }
 }
 
-/// A response in shared memory: derefs to its bytes, read in place, and gives
-/// its slab back to the server when dropped.
+/// A response (or a message of a stream) in shared memory: derefs to its
+/// bytes, read in place, and gives its slab back to the server when
+/// dropped. (A message larger than a slab came in chunks and was assembled
+/// on the heap.)
 pub struct Response {
-    inner: Arc<Inner>,
-    descriptor: Descriptor,
+    body: ResponseBody,
+}
+
+enum ResponseBody {
+    Shared {
+        inner: Arc<Inner>,
+        descriptor: Descriptor,
+    },
+    Owned(Vec<u8>),
+}
+
+impl Response {
+    /// A message assembled from chunks.
+    pub(crate) fn owned(bytes: Vec<u8>) -> Self {
+        Response {
+            body: ResponseBody::Owned(bytes),
+        }
+    }
+
+    /// The message `d` carries, in place (its handle already checked).
+    pub(crate) fn shared(inner: Arc<Inner>, d: Descriptor) -> Self {
+        Response {
+            body: ResponseBody::Shared {
+                inner,
+                descriptor: d,
+            },
+        }
+    }
 }
 
 impl std::ops::Deref for Response {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        if !self.descriptor.flags.contains(Flags::PAYLOAD) {
-            return &[];
+        match &self.body {
+            ResponseBody::Shared { inner, descriptor } => {
+                if !descriptor.flags.contains(Flags::PAYLOAD) {
+                    return &[];
+                }
+                // Checked when the response was accepted.
+                inner
+                    .peer_pool
+                    .read(descriptor.payload, descriptor.len.into())
+                    .unwrap_or(&[])
+            }
+            ResponseBody::Owned(v) => v,
         }
-        // Checked when the response was accepted in `finish`.
-        self.inner
-            .peer_pool
-            .read(self.descriptor.payload, self.descriptor.len.into())
-            .unwrap_or(&[])
     }
 }
 
@@ -236,8 +284,10 @@ impl std::fmt::Debug for Response {
 
 impl Drop for Response {
     fn drop(&mut self) {
-        if self.descriptor.flags.contains(Flags::PAYLOAD) {
-            self.inner.give_back_slab(self.descriptor.payload);
+        if let ResponseBody::Shared { inner, descriptor } = &self.body
+            && descriptor.flags.contains(Flags::PAYLOAD)
+        {
+            inner.give_back_slab(descriptor.payload);
         }
     }
 }
@@ -269,6 +319,12 @@ impl Channel {
         let bell_fd = bell_fd.ok_or(ChannelError::NoDoorbell)?;
         let segment = Segment::open(segment_fd)?;
         let ends = ClientEnds::open(&segment, bell_fd)?;
+        let max_slab = ends
+            .pool
+            .layout()
+            .classes
+            .last()
+            .map_or(0, |c| usize::try_from(c.slab_size).unwrap_or(usize::MAX));
         let socket = std::os::fd::AsFd::as_fd(&conn)
             .try_clone_to_owned()
             .map_err(ChannelError::Socket)?;
@@ -276,8 +332,12 @@ impl Channel {
             ends_send: Mutex::new(ends.requests),
             ends_recv: Mutex::new(ends.responses),
             returned: Mutex::new(ends.returned),
-            give_back: Mutex::new(ends.give_back),
+            give_back: Mutex::new(GiveBack {
+                ring: ends.give_back,
+                overflow: Vec::new(),
+            }),
             pool: Arc::new(ends.pool),
+            max_slab,
             peer_pool: ends.peer_pool,
             server_bell: ends.server_bell,
             client_bell: ends.client_bell,
@@ -339,6 +399,48 @@ impl Channel {
         self.inner.call(method, request, timeout)
     }
 
+    /// Opens a streaming call to `method` (client streaming or
+    /// bidirectional): send messages on the returned [`Call`], then close
+    /// its sending side and receive. The whole call must end within
+    /// `timeout`.
+    pub fn open(&self, method: u32, timeout: Option<Duration>) -> Result<Call, Status> {
+        Call::start(
+            &self.inner,
+            method,
+            timeout,
+            timeout.map(|t| Instant::now() + t),
+            true,
+        )
+    }
+
+    /// Opens a server-streaming call to `method` with its one `request`:
+    /// receive the server's messages on the returned [`Call`] until `None`.
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+    /// let mut call = channel.server_stream(2, b"count to 3", None).unwrap();
+    /// while let Some(message) = call.recv().unwrap() {
+    ///     println!("{} bytes", message.len());
+    /// }
+    /// ```
+    pub fn server_stream(
+        &self,
+        method: u32,
+        request: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Call, Status> {
+        let mut call = Call::start(
+            &self.inner,
+            method,
+            timeout,
+            timeout.map(|t| Instant::now() + t),
+            false,
+        )?;
+        call.send_message(request, true, true)?;
+        Ok(call)
+    }
+
     /// The limits the server granted this channel (ring depth, pool, wait
     /// mode, largest message).
     pub fn limits(&self) -> &Limits {
@@ -389,10 +491,17 @@ impl Inner {
         self.dead.store(true, Ordering::Release);
         self.client_bell.notify();
         for p in lock(&self.pending).values() {
-            if let CallState::Waiting(w) = &p.state {
-                w.wake();
+            match &p.state {
+                CallState::Waiting(w) => w.wake(),
+                CallState::Streaming(mailbox) => mailbox.update(|_| {}),
+                _ => {}
             }
         }
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        // Acquire: pairs with the Release store in `kill`.
+        self.dead.load(Ordering::Acquire)
     }
 
     pub(crate) fn unavailable(&self) -> Status {
@@ -402,15 +511,34 @@ impl Inner {
         Status::unavailable(why)
     }
 
-    fn give_back_slab(&self, handle: shmesh_shm::handle::SlabHandle) {
-        if self.dead.load(Ordering::Acquire) {
+    /// Gives a response slab back to the server. Never waits: a full return
+    /// ring keeps the slab aside until the next give-back.
+    pub(crate) fn give_back_slab(&self, handle: shmesh_shm::handle::SlabHandle) {
+        if self.is_dead() {
             return;
         }
-        let mut ring = lock(&self.give_back);
-        // The return ring is twice the response ring's depth, so it is full
-        // only if the server stopped draining it; then the slab stays with us
-        // until the connection ends (the server reclaims it).
-        let _ = ring.try_push(handle);
+        let mut g = lock(&self.give_back);
+        g.overflow.push(handle);
+        while let Some(&h) = g.overflow.first() {
+            match g.ring.try_push(h) {
+                Ok(()) => {
+                    g.overflow.swap_remove(0);
+                }
+                Err(PushError::Full(_)) => break,
+                Err(PushError::Corrupt(e)) => {
+                    drop(g);
+                    self.kill(format!("return ring corrupt: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives back the slab a server descriptor carries, unread.
+    pub(crate) fn discard(&self, d: &Descriptor) {
+        if d.flags.contains(Flags::PAYLOAD) {
+            self.give_back_slab(d.payload);
+        }
     }
 
     fn drain_returned(&self) -> Result<(), Status> {
@@ -430,7 +558,7 @@ impl Inner {
         }
     }
 
-    fn broken(&self, why: String) -> Status {
+    pub(crate) fn broken(&self, why: String) -> Status {
         self.kill(why);
         self.unavailable()
     }
@@ -448,21 +576,28 @@ impl Inner {
     }
 
     pub(crate) fn loan(&self, len: usize, deadline: Option<Instant>) -> Result<RequestBuf, Status> {
-        if self.dead.load(Ordering::Acquire) {
+        if self.is_dead() {
             return Err(self.unavailable());
         }
+        self.check_size(len)?;
+        let body = if len == 0 {
+            RequestBody::Empty
+        } else if len > self.max_slab {
+            RequestBody::Heap(vec![0; len])
+        } else {
+            RequestBody::Slab(self.alloc(len, deadline)?)
+        };
+        Ok(RequestBuf { body, len })
+    }
+
+    pub(crate) fn check_size(&self, len: usize) -> Result<(), Status> {
         if len as u64 > self.max_message {
             return Err(Status::resource_exhausted(format!(
-                "request of {len} bytes exceeds the connection's limit of {} bytes",
+                "message of {len} bytes exceeds the connection's limit of {} bytes",
                 self.max_message
             )));
         }
-        let slab = if len == 0 {
-            None
-        } else {
-            Some(self.alloc(len, deadline)?)
-        };
-        Ok(RequestBuf { slab, len })
+        Ok(())
     }
 
     fn send(
@@ -487,6 +622,12 @@ impl Inner {
         timeout: Option<Duration>,
         deadline: Option<Instant>,
     ) -> Result<Response, Status> {
+        if let RequestBody::Heap(bytes) = &request.body {
+            // Larger than a slab: sent in chunks under flow control.
+            let mut call = Call::start(self, method, timeout, deadline, false)?;
+            call.send_message(bytes, true, true)?;
+            return call.recv_unary();
+        }
         let call = self.start(
             method,
             request,
@@ -495,11 +636,11 @@ impl Inner {
             Waiter::Thread(std::thread::current()),
         )?;
         let answer = self.wait_for(call.call_id, deadline);
-        self.end(call, answer)
+        self.end(call, answer, deadline)
     }
 
-    /// Registers and pushes a call; the returned guard abandons it if the
-    /// caller goes away before [`Inner::end`].
+    /// Registers and pushes a unary call; the returned guard abandons it if
+    /// the caller goes away before [`Inner::end`].
     pub(crate) fn start(
         self: &Arc<Self>,
         method: u32,
@@ -508,25 +649,32 @@ impl Inner {
         deadline: Option<Instant>,
         waiter: Waiter,
     ) -> Result<CallGuard, Status> {
-        if self.dead.load(Ordering::Acquire) {
+        if self.is_dead() {
             return Err(self.unavailable());
         }
         let call_id = self.next_call.fetch_add(1, Ordering::Relaxed);
         let mut d = Descriptor {
             call_id,
             method_id: method,
+            flags: OPEN | MESSAGE | Flags::END,
             deadline_ns: deadline::to_wire(timeout),
             ..Default::default()
         };
-        if let Some(slab) = request.slab {
-            if !slab.is_from(&self.pool) {
-                return Err(Status::invalid_argument(
-                    "request buffer loaned from another channel",
-                ));
+        match request.body {
+            RequestBody::Empty => {}
+            RequestBody::Slab(slab) => {
+                if !slab.is_from(&self.pool) {
+                    return Err(Status::invalid_argument(
+                        "request buffer loaned from another channel",
+                    ));
+                }
+                d.len = request.len as u32;
+                d.flags = d.flags | Flags::PAYLOAD;
+                d.payload = slab.send();
             }
-            d.len = request.len as u32;
-            d.flags = Flags::PAYLOAD;
-            d.payload = slab.send();
+            RequestBody::Heap(_) => {
+                return Err(Status::internal("a chunked request took the unary path"));
+            }
         }
         let request_slab = d.flags.contains(Flags::PAYLOAD).then_some(d.payload);
         lock(&self.pending).insert(
@@ -553,71 +701,142 @@ impl Inner {
         })
     }
 
-    /// Ends a call with the outcome of its wait.
+    /// Ends a unary call with the outcome of its wait.
     pub(crate) fn end(
         self: &Arc<Self>,
         mut call: CallGuard,
-        answer: Result<Descriptor, Status>,
+        answer: Result<Answer, Status>,
+        deadline: Option<Instant>,
     ) -> Result<Response, Status> {
-        call.ended = answer.is_ok();
-        drop(call);
-        self.finish(answer?)
-    }
-
-    /// A caller gives up on `call_id`: if its request is still with the
-    /// server, the entry stays until the answer comes to free the slab.
-    fn abandon(&self, call_id: u64) {
-        let mut pending = lock(&self.pending);
-        match pending.get_mut(&call_id) {
-            Some(p) if p.request.is_some() && !self.dead.load(Ordering::Acquire) => {
-                p.state = CallState::Abandoned;
+        match answer {
+            Ok(Answer::Done(d)) => {
+                call.ended = true;
+                drop(call);
+                self.finish(d)
             }
-            _ => {
-                pending.remove(&call_id);
+            Ok(Answer::Streamed(mailbox)) => {
+                // The answer comes in chunks: read it as a stream.
+                let result = Call::resume(self, call.call_id, mailbox, deadline).recv_unary();
+                call.ended = true;
+                result
             }
+            Err(status) => Err(status),
         }
     }
 
-    /// Records the response `d`: frees its request's slab, then hands the
-    /// response to its caller (`mine` is the collecting caller's own call)
-    /// or, if nobody wants it, gives its slab back. Returns `d` if it is
-    /// `mine`.
-    fn complete(&self, d: Descriptor, mine: u64) -> Result<Option<Descriptor>, Status> {
+    /// A caller gives up on `call_id`: the server is told (it may stop
+    /// working on it); if the request's slab is still with the server, the
+    /// entry stays until the answer comes to free it.
+    pub(crate) fn abandon(&self, call_id: u64) {
+        let mut pending = lock(&self.pending);
+        let Some(p) = pending.get_mut(&call_id) else {
+            // Ended already.
+            return;
+        };
+        if self.is_dead() {
+            pending.remove(&call_id);
+            return;
+        }
+        let old = if p.request.is_some() {
+            std::mem::replace(&mut p.state, CallState::Abandoned)
+        } else {
+            pending
+                .remove(&call_id)
+                .map_or(CallState::Abandoned, |p| p.state)
+        };
+        drop(pending);
+        if let CallState::Streaming(mailbox) = old {
+            let unread = std::mem::take(&mut mailbox.lock().inbox);
+            for d in unread {
+                self.discard(&d);
+            }
+        }
+        self.send_control(protocol::cancel(call_id));
+    }
+
+    /// Sends a control descriptor (credit, cancel). Waits a little while
+    /// the ring is full; a control message that cannot go is dropped, which
+    /// costs at worst a stalled stream of a caller that is going away.
+    pub(crate) fn send_control(&self, d: Descriptor) {
+        let give_up = Instant::now() + Duration::from_millis(100);
+        if self.push_request(d, Some(give_up)).is_ok() {
+            self.server_bell.notify();
+        }
+    }
+
+    /// Records a server descriptor `d`: frees the request's slab when the
+    /// call ends, then hands `d` to its call (`mine` is the collecting
+    /// caller's own call) or, if nobody wants it, gives its slab back.
+    /// Returns the collecting caller's answer if `d` brought it.
+    fn complete(&self, d: Descriptor, mine: u64) -> Result<Option<Answer>, Status> {
         let mut pending = lock(&self.pending);
         let Some(entry) = pending.get_mut(&d.call_id) else {
             drop(pending);
-            // An id we never used (or a duplicate): nobody to give it to.
-            if d.flags.contains(Flags::PAYLOAD) {
-                self.give_back_slab(d.payload);
-            }
+            // An id we never used, or a call that ended or was abandoned.
+            self.discard(&d);
             return Ok(None);
         };
-        if let Some(h) = entry.request.take()
+        let ends = d.flags.contains(Flags::END);
+        if ends
+            && let Some(h) = entry.request.take()
             && let Err(e) = self.pool.release_returned(h)
         {
             drop(pending);
             return Err(self.broken(format!("request slab of call {}: {e}", d.call_id)));
         }
-        if d.call_id == mine {
-            pending.remove(&mine);
-            return Ok(Some(d));
-        }
-        match std::mem::replace(&mut entry.state, CallState::Done(d)) {
-            CallState::Waiting(w) => w.wake(),
-            CallState::Abandoned => {
-                pending.remove(&d.call_id);
-                drop(pending);
-                if d.flags.contains(Flags::PAYLOAD) {
-                    self.give_back_slab(d.payload);
+        match &mut entry.state {
+            CallState::Waiting(_) if ends && !d.flags.contains(protocol::MORE) => {
+                if d.call_id == mine {
+                    pending.remove(&mine);
+                    return Ok(Some(Answer::Done(d)));
+                }
+                if let CallState::Waiting(w) =
+                    std::mem::replace(&mut entry.state, CallState::Done(d))
+                {
+                    w.wake();
                 }
             }
-            // A second response to one call: keep the first.
-            CallState::Done(first) => entry.state = CallState::Done(first),
+            CallState::Waiting(_) => {
+                // More than one descriptor: a chunked answer.
+                let mailbox = Arc::new(Mailbox::default());
+                call::deliver(&mailbox, d);
+                let old =
+                    std::mem::replace(&mut entry.state, CallState::Streaming(mailbox.clone()));
+                if ends {
+                    pending.remove(&d.call_id);
+                }
+                if d.call_id == mine {
+                    return Ok(Some(Answer::Streamed(mailbox)));
+                }
+                if let CallState::Waiting(w) = old {
+                    w.wake();
+                }
+            }
+            CallState::Streaming(mailbox) => {
+                let mailbox = mailbox.clone();
+                if ends {
+                    pending.remove(&d.call_id);
+                }
+                drop(pending);
+                call::deliver(&mailbox, d);
+            }
+            CallState::Abandoned => {
+                if ends {
+                    pending.remove(&d.call_id);
+                }
+                drop(pending);
+                self.discard(&d);
+            }
+            CallState::Done(_) => {
+                // A second answer to one call: keep the first.
+                drop(pending);
+                self.discard(&d);
+            }
         }
         Ok(None)
     }
 
-    fn alloc(
+    pub(crate) fn alloc(
         &self,
         len: usize,
         deadline: Option<Instant>,
@@ -630,7 +849,7 @@ impl Inner {
                     if let Ok(slab) = self.pool.alloc_owned(len) {
                         return Ok(slab);
                     }
-                    if self.dead.load(Ordering::Acquire) {
+                    if self.is_dead() {
                         return Err(self.unavailable());
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -647,7 +866,11 @@ impl Inner {
         }
     }
 
-    fn push_request(&self, d: Descriptor, deadline: Option<Instant>) -> Result<(), Status> {
+    pub(crate) fn push_request(
+        &self,
+        d: Descriptor,
+        deadline: Option<Instant>,
+    ) -> Result<(), Status> {
         let mut d = d;
         loop {
             let pushed = lock(&self.ends_send).try_push(d);
@@ -655,7 +878,7 @@ impl Inner {
                 Ok(()) => return Ok(()),
                 Err(PushError::Full(back)) => {
                     d = back;
-                    if self.dead.load(Ordering::Acquire) {
+                    if self.is_dead() {
                         return Err(self.unavailable());
                     }
                     if deadline.is_some_and(|t| Instant::now() >= t) {
@@ -672,22 +895,22 @@ impl Inner {
         }
     }
 
-    /// Waits for call `call_id`'s response descriptor.
-    fn wait_for(&self, call_id: u64, deadline: Option<Instant>) -> Result<Descriptor, Status> {
+    /// Waits for unary call `call_id`'s answer.
+    fn wait_for(&self, call_id: u64, deadline: Option<Instant>) -> Result<Answer, Status> {
         loop {
-            if let Some(d) = take_if_done(&mut lock(&self.pending), call_id) {
-                return Ok(d);
+            if let Some(a) = take_if_done(&mut lock(&self.pending), call_id) {
+                return Ok(a);
             }
-            if self.dead.load(Ordering::Acquire) {
+            if self.is_dead() {
                 return Err(self.unavailable());
             }
             // The clock is read only when a wait ran out, not on every pass.
             let waited_out = match self.ends_recv.try_lock() {
-                Ok(mut ring) => match self.lead(&mut ring, call_id, deadline)? {
-                    Led::Mine(d) => {
+                Ok(mut ring) => match self.lead(&mut ring, call_id, deadline, &|| false)? {
+                    Led::Mine(a) => {
                         drop(ring);
                         self.promote_a_follower();
-                        return Ok(d);
+                        return Ok(a);
                     }
                     Led::Woken => false,
                     Led::WaitedOut => true,
@@ -703,16 +926,63 @@ impl Inner {
         }
     }
 
+    /// Waits until `ready` holds for a streaming call's mailbox, leading
+    /// the collection of responses when nobody else does.
+    pub(crate) fn wait_mailbox(
+        &self,
+        call_id: u64,
+        mailbox: &Mailbox,
+        deadline: Option<Instant>,
+        ready: &dyn Fn(&crate::mailbox::MailboxState) -> bool,
+    ) -> Result<(), Status> {
+        loop {
+            {
+                let mut state = mailbox.lock();
+                if ready(&state) {
+                    return Ok(());
+                }
+                // Registered before looking for a leader, so a hand-over
+                // between the look and the park is not lost.
+                state.wait_with(Waiter::Thread(std::thread::current()));
+            }
+            if self.is_dead() {
+                return Err(self.unavailable());
+            }
+            let is_ready = || ready(&mailbox.lock());
+            let waited_out = match self.ends_recv.try_lock() {
+                Ok(mut ring) => match self.lead(&mut ring, call_id, deadline, &is_ready)? {
+                    Led::Mine(_) | Led::Woken => false,
+                    Led::WaitedOut => true,
+                },
+                Err(_) => {
+                    std::thread::park_timeout(LIVENESS_SLICE);
+                    true
+                }
+            };
+            if is_ready() {
+                self.promote_a_follower();
+                return Ok(());
+            }
+            if waited_out && deadline.is_some_and(|t| Instant::now() >= t) {
+                return Err(Status::deadline_exceeded("no response before the deadline"));
+            }
+        }
+    }
+
     /// As the leader: pops responses, hands out others', returns ours if in.
-    /// Waits on the doorbell for at most one liveness slice.
+    /// Waits on the doorbell for at most one liveness slice, unless `done`.
     fn lead(
         &self,
         ring: &mut shmesh_shm::ring::Consumer<Descriptor>,
         call_id: u64,
         deadline: Option<Instant>,
+        done: &dyn Fn() -> bool,
     ) -> Result<Led, Status> {
-        if let Some(d) = self.collect(ring, call_id)? {
-            return Ok(Led::Mine(d));
+        if let Some(a) = self.collect(ring, call_id)? {
+            return Ok(Led::Mine(a));
+        }
+        if done() {
+            return Ok(Led::Woken);
         }
         let slice = match deadline {
             Some(d) => d
@@ -731,18 +1001,18 @@ impl Inner {
     }
 
     /// Pops every response there is, handing each to its caller; returns
-    /// `call_id`'s if it was among them.
+    /// `call_id`'s answer if it was among them.
     pub(crate) fn collect(
         &self,
         ring: &mut shmesh_shm::ring::Consumer<Descriptor>,
         call_id: u64,
-    ) -> Result<Option<Descriptor>, Status> {
+    ) -> Result<Option<Answer>, Status> {
         let mut mine = None;
         loop {
             match ring.try_pop() {
                 Ok(Some(d)) => {
-                    if let Some(d) = self.complete(d, call_id)? {
-                        mine = Some(d);
+                    if let Some(a) = self.complete(d, call_id)? {
+                        mine = Some(a);
                     }
                 }
                 Ok(None) => return Ok(mine),
@@ -753,26 +1023,27 @@ impl Inner {
 
     /// Wakes one waiting caller so it takes over reading responses.
     pub(crate) fn promote_a_follower(&self) {
-        if let Some(CallState::Waiting(w)) = lock(&self.pending)
-            .values()
-            .map(|p| &p.state)
-            .find(|s| matches!(s, CallState::Waiting(_)))
-        {
-            w.wake();
+        let pending = lock(&self.pending);
+        for p in pending.values() {
+            match &p.state {
+                CallState::Waiting(w) => {
+                    w.wake();
+                    return;
+                }
+                CallState::Streaming(mailbox) if mailbox.wake_waiters() => return,
+                _ => {}
+            }
         }
     }
 
-    /// Turns a response descriptor into the caller's result.
+    /// Turns a unary response descriptor into the caller's result.
     fn finish(self: &Arc<Self>, d: Descriptor) -> Result<Response, Status> {
         if d.flags.contains(Flags::PAYLOAD)
             && let Err(e) = self.peer_pool.read(d.payload, d.len.into())
         {
             return Err(self.broken(format!("server sent a bad response handle: {e}")));
         }
-        let response = Response {
-            inner: self.clone(),
-            descriptor: d,
-        };
+        let response = Response::shared(self.clone(), d);
         if d.flags.contains(Flags::STATUS) && d.status != Code::Ok as u32 {
             let status = Status::decode(d.status, &response[..]).unwrap_or_else(|e| {
                 Status::internal(format!("undecodable status from server: {e}"))
@@ -783,19 +1054,27 @@ impl Inner {
     }
 }
 
+/// A unary call's answer, as its wait found it.
+pub(crate) enum Answer {
+    /// One descriptor.
+    Done(Descriptor),
+    /// In chunks: the rest arrives in this mailbox.
+    Streamed(Arc<Mailbox>),
+}
+
 /// What a leader's turn came to.
 enum Led {
     /// Our own answer.
-    Mine(Descriptor),
+    Mine(Answer),
     /// Something arrived (or the channel died): look again.
     Woken,
     /// The wait ran out: time to check the deadline.
     WaitedOut,
 }
 
-/// A call between [`Inner::start`] and [`Inner::end`]. Dropped early (a
-/// timed-out wait, a cancelled future), it abandons the call: its entry
-/// stays until the answer comes and frees the slabs.
+/// A unary call between [`Inner::start`] and [`Inner::end`]. Dropped early
+/// (a timed-out wait, a cancelled future), it abandons the call: the server
+/// is told, and the entry stays until the answer comes and frees the slabs.
 pub(crate) struct CallGuard {
     inner: Arc<Inner>,
     pub(crate) call_id: u64,
@@ -810,15 +1089,14 @@ impl Drop for CallGuard {
     }
 }
 
-pub(crate) fn take_if_done(
-    pending: &mut HashMap<u64, Pending>,
-    call_id: u64,
-) -> Option<Descriptor> {
+/// Takes a unary call's answer if it is in.
+pub(crate) fn take_if_done(pending: &mut HashMap<u64, Pending>, call_id: u64) -> Option<Answer> {
     match pending.get(&call_id).map(|p| &p.state) {
         Some(CallState::Done(_)) => match pending.remove(&call_id)?.state {
-            CallState::Done(d) => Some(d),
+            CallState::Done(d) => Some(Answer::Done(d)),
             _ => None,
         },
+        Some(CallState::Streaming(mailbox)) => Some(Answer::Streamed(mailbox.clone())),
         _ => None,
     }
 }

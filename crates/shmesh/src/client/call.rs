@@ -1,0 +1,488 @@
+//! Streaming calls on the client: [`Call`], and the reading of a call's
+//! mailbox that unary calls answered in chunks share.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shmesh_shm::descriptor::{Descriptor, Flags};
+
+use crate::client::{CallState, Inner, Pending, RequestBody, RequestBuf, Response, lock};
+use crate::deadline;
+use crate::mailbox::Mailbox;
+use crate::protocol::{self, Assembler, CreditCounter, MESSAGE, MORE, OPEN, RETURN};
+use crate::status::{Code, Status};
+
+/// Hands a server descriptor to a call's mailbox and wakes its reader.
+pub(crate) fn deliver(mailbox: &Mailbox, d: Descriptor) {
+    mailbox.update(|state| {
+        if d.flags.contains(protocol::CREDIT) {
+            state.credit = state.credit.saturating_add(protocol::granted(&d));
+            return;
+        }
+        state.inbox.push_back(d);
+        if d.flags.contains(Flags::END) {
+            state.peer_ended = true;
+        }
+    });
+}
+
+/// What reading a call's mailbox produced.
+pub(crate) enum Event {
+    /// A whole message.
+    Message(Response),
+    /// The call ended, with this status.
+    End(Result<(), Status>),
+}
+
+/// Reads one call's mailbox: assembles chunked messages, grants credit as
+/// messages are consumed, and gives back what nobody will read when
+/// dropped.
+pub(crate) struct Incoming {
+    inner: Arc<Inner>,
+    call_id: u64,
+    pub(crate) mailbox: Arc<Mailbox>,
+    assembling: Option<Assembler>,
+    credits: CreditCounter,
+    /// An end that arrived on the same descriptor as the last message.
+    end_next: Option<Result<(), Status>>,
+    ended: bool,
+}
+
+impl Incoming {
+    pub(crate) fn new(inner: Arc<Inner>, call_id: u64, mailbox: Arc<Mailbox>) -> Self {
+        Incoming {
+            inner,
+            call_id,
+            mailbox,
+            assembling: None,
+            credits: CreditCounter::default(),
+            end_next: None,
+            ended: false,
+        }
+    }
+
+    /// The next event, or `None` if the mailbox holds none yet.
+    pub(crate) fn step(&mut self) -> Result<Option<Event>, Status> {
+        if let Some(end) = self.end_next.take() {
+            self.ended = true;
+            return Ok(Some(Event::End(end)));
+        }
+        loop {
+            let Some(d) = self.mailbox.lock().inbox.pop_front() else {
+                return Ok(None);
+            };
+            let bytes: &[u8] = if d.flags.contains(Flags::PAYLOAD) {
+                match self.inner.peer_pool.read(d.payload, d.len.into()) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return Err(self.inner.broken(format!("server sent a bad handle: {e}")));
+                    }
+                }
+            } else {
+                &[]
+            };
+            let ends = d.flags.contains(Flags::END);
+            if d.flags.contains(Flags::STATUS) && d.status != Code::Ok as u32 {
+                let status = Status::decode(d.status, bytes).unwrap_or_else(|e| {
+                    Status::internal(format!("undecodable status from server: {e}"))
+                });
+                self.inner.discard(&d);
+                self.assembling = None;
+                self.ended = true;
+                return Ok(Some(Event::End(Err(status))));
+            }
+            if !d.flags.contains(MESSAGE) {
+                self.inner.discard(&d);
+                if ends {
+                    self.ended = true;
+                    return Ok(Some(Event::End(self.unfinished())));
+                }
+                continue;
+            }
+            if protocol::costs_credit(d.flags)
+                && let Some(n) = self.credits.consumed()
+                && !self.inner.is_dead()
+            {
+                self.inner.send_control(protocol::credit(self.call_id, n));
+            }
+            let message = if d.flags.contains(MORE) || self.assembling.is_some() {
+                let limit = self.inner.max_message;
+                let assembler = self.assembling.get_or_insert_with(|| Assembler::new(limit));
+                let pushed = assembler.push(bytes);
+                self.inner.discard(&d);
+                if let Err(e) = pushed {
+                    self.assembling = None;
+                    self.ended = true;
+                    // The server would go on sending: stop it.
+                    self.inner.abandon(self.call_id);
+                    return Ok(Some(Event::End(Err(Status::resource_exhausted(format!(
+                        "response: {e}"
+                    ))))));
+                }
+                if d.flags.contains(MORE) {
+                    if ends {
+                        self.ended = true;
+                        return Ok(Some(Event::End(self.unfinished())));
+                    }
+                    continue;
+                }
+                Response::owned(
+                    self.assembling
+                        .take()
+                        .map(Assembler::finish)
+                        .unwrap_or_default(),
+                )
+            } else {
+                Response::shared(self.inner.clone(), d)
+            };
+            if ends {
+                self.end_next = Some(Ok(()));
+            }
+            return Ok(Some(Event::Message(message)));
+        }
+    }
+
+    /// The status of a call that ended: an error if it ended inside a
+    /// message.
+    fn unfinished(&mut self) -> Result<(), Status> {
+        match self.assembling.take() {
+            Some(_) => Err(Status::internal(
+                "the server ended the call inside a message",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        let unread = std::mem::take(&mut self.mailbox.lock().inbox);
+        for d in unread {
+            self.inner.discard(&d);
+        }
+    }
+}
+
+/// A streaming call: send messages, close the sending side, receive
+/// messages until the server ends the call.
+///
+/// One type serves the three kinds of streams: for server streaming, open
+/// it with [`Channel::server_stream`](crate::client::Channel::server_stream)
+/// and [`Call::recv`] until `None`; for client streaming,
+/// [`Channel::open`](crate::client::Channel::open), [`Call::send`] each
+/// message, then [`Call::finish`] for the response; bidirectional calls mix
+/// both. Sending waits while the server has not granted credit (flow
+/// control), so a fast sender never exhausts the pool. Dropping a call that
+/// has not ended cancels it: the server's handler sees the cancellation.
+///
+/// ```no_run
+/// # use shmesh::client::{Channel, ChannelOptions};
+/// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+/// let mut call = channel.open(7, None).unwrap();
+/// for word in ["to", "be", "or", "not"] {
+///     call.send(word.as_bytes()).unwrap();
+/// }
+/// let total = call.finish().unwrap();
+/// # let _ = total;
+/// ```
+pub struct Call {
+    incoming: Incoming,
+    method: u32,
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+    /// Whether the opening descriptor has gone out.
+    opened: bool,
+    /// Whether our last message has gone out.
+    send_closed: bool,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("call_id", &self.incoming.call_id)
+            .field("method", &self.method)
+            .field("send_closed", &self.send_closed)
+            .field("ended", &self.incoming.ended)
+            .finish()
+    }
+}
+
+impl Call {
+    /// Registers a streaming call; with `open_now`, sends its opening
+    /// descriptor (without a message) right away.
+    pub(crate) fn start(
+        inner: &Arc<Inner>,
+        method: u32,
+        timeout: Option<Duration>,
+        deadline: Option<Instant>,
+        open_now: bool,
+    ) -> Result<Call, Status> {
+        if inner.is_dead() {
+            return Err(inner.unavailable());
+        }
+        let call_id = inner
+            .next_call
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mailbox = Arc::new(Mailbox::default());
+        lock(&inner.pending).insert(
+            call_id,
+            Pending {
+                request: None,
+                state: CallState::Streaming(mailbox.clone()),
+            },
+        );
+        let mut call = Call {
+            incoming: Incoming::new(inner.clone(), call_id, mailbox),
+            method,
+            timeout,
+            deadline,
+            opened: false,
+            send_closed: false,
+        };
+        if open_now {
+            call.push(call.descriptor(OPEN))?;
+            call.opened = true;
+        }
+        Ok(call)
+    }
+
+    /// Takes over a unary call whose answer comes in chunks.
+    pub(crate) fn resume(
+        inner: &Arc<Inner>,
+        call_id: u64,
+        mailbox: Arc<Mailbox>,
+        deadline: Option<Instant>,
+    ) -> Call {
+        Call {
+            incoming: Incoming::new(inner.clone(), call_id, mailbox),
+            method: 0,
+            timeout: None,
+            deadline,
+            opened: true,
+            send_closed: true,
+        }
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        &self.incoming.inner
+    }
+
+    fn descriptor(&self, flags: Flags) -> Descriptor {
+        let mut d = Descriptor {
+            call_id: self.incoming.call_id,
+            method_id: self.method,
+            flags,
+            ..Default::default()
+        };
+        if flags.contains(OPEN) {
+            d.deadline_ns = deadline::to_wire(self.timeout);
+        }
+        d
+    }
+
+    fn push(&self, d: Descriptor) -> Result<(), Status> {
+        let inner = self.inner();
+        inner.push_request(d, self.deadline)?;
+        inner.server_bell.notify();
+        Ok(())
+    }
+
+    /// Sends one message, copied into shared memory (in chunks if it is
+    /// larger than a slab).
+    pub fn send(&mut self, message: &[u8]) -> Result<(), Status> {
+        self.send_message(message, !self.opened, false)
+    }
+
+    /// Sends one message written in place into a buffer from
+    /// [`Channel::loan`](crate::client::Channel::loan): no copy.
+    pub fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        match message.body {
+            RequestBody::Slab(slab) => {
+                self.check_open_for_sending()?;
+                if !slab.is_from(&self.inner().pool) {
+                    return Err(Status::invalid_argument(
+                        "message buffer loaned from another channel",
+                    ));
+                }
+                let mut flags = MESSAGE | RETURN | Flags::PAYLOAD;
+                if !self.opened {
+                    flags = flags | OPEN;
+                }
+                self.take_credit(flags)?;
+                let mut d = self.descriptor(flags);
+                d.len = message.len as u32;
+                d.payload = slab.send();
+                if let Err(status) = self.push(d) {
+                    // Never published: take the slab back.
+                    let _ = self.inner().pool.release_returned(d.payload);
+                    return Err(status);
+                }
+                self.opened = true;
+                Ok(())
+            }
+            RequestBody::Heap(bytes) => self.send(&bytes),
+            RequestBody::Empty => self.send(&[]),
+        }
+    }
+
+    fn check_open_for_sending(&self) -> Result<(), Status> {
+        if self.send_closed {
+            return Err(Status::failed_precondition(
+                "the call's sending side is closed",
+            ));
+        }
+        if self.incoming.ended || self.incoming.mailbox.lock().peer_ended {
+            return Err(Status::failed_precondition("the server has ended the call"));
+        }
+        Ok(())
+    }
+
+    /// Sends `bytes` as one message; `open` puts the opening flag on its
+    /// first descriptor, `end` the ending flag on its last.
+    pub(crate) fn send_message(
+        &mut self,
+        bytes: &[u8],
+        open: bool,
+        end: bool,
+    ) -> Result<(), Status> {
+        self.check_open_for_sending()?;
+        let inner = self.inner().clone();
+        inner.check_size(bytes.len())?;
+        let parts: Vec<_> = protocol::chunks(bytes.len(), inner.max_slab).collect();
+        let last = parts.len() - 1;
+        for (i, range) in parts.into_iter().enumerate() {
+            let mut flags = MESSAGE | RETURN;
+            if i != last {
+                flags = flags | MORE;
+            }
+            if i == 0 && open {
+                flags = flags | OPEN;
+            }
+            if i == last && end {
+                flags = flags | Flags::END;
+            }
+            self.take_credit(flags)?;
+            let chunk = &bytes[range];
+            let mut d = self.descriptor(flags);
+            if !chunk.is_empty() {
+                let mut slab = inner.alloc(chunk.len(), self.deadline)?;
+                slab[..chunk.len()].copy_from_slice(chunk);
+                d.flags = d.flags | Flags::PAYLOAD;
+                d.len = chunk.len() as u32;
+                d.payload = slab.send();
+            }
+            if let Err(status) = self.push(d) {
+                if d.flags.contains(Flags::PAYLOAD) {
+                    let _ = inner.pool.release_returned(d.payload);
+                }
+                return Err(status);
+            }
+            self.opened = true;
+        }
+        if end {
+            self.send_closed = true;
+        }
+        Ok(())
+    }
+
+    /// Takes the credit a descriptor with `flags` costs, waiting for the
+    /// server to grant it.
+    fn take_credit(&mut self, flags: Flags) -> Result<(), Status> {
+        if !protocol::costs_credit(flags) {
+            return Ok(());
+        }
+        let inner = self.inner().clone();
+        inner.wait_mailbox(
+            self.incoming.call_id,
+            &self.incoming.mailbox,
+            self.deadline,
+            &|s| s.credit > 0 || s.peer_ended,
+        )?;
+        let mut state = self.incoming.mailbox.lock();
+        if state.credit == 0 {
+            return Err(Status::failed_precondition("the server has ended the call"));
+        }
+        state.credit -= 1;
+        Ok(())
+    }
+
+    /// Closes the sending side: the server's handler sees the end of the
+    /// client's messages. Further sends fail.
+    pub fn close_send(&mut self) -> Result<(), Status> {
+        if self.send_closed {
+            return Ok(());
+        }
+        let mut flags = Flags::END;
+        if !self.opened {
+            flags = flags | OPEN;
+        }
+        self.push(self.descriptor(flags))?;
+        self.opened = true;
+        self.send_closed = true;
+        Ok(())
+    }
+
+    /// The server's next message, waiting for it; `None` once the server
+    /// has ended the call successfully, the call's status if it failed.
+    pub fn recv(&mut self) -> Result<Option<Response>, Status> {
+        loop {
+            if self.incoming.ended {
+                return Ok(None);
+            }
+            match self.incoming.step()? {
+                Some(Event::Message(m)) => return Ok(Some(m)),
+                Some(Event::End(result)) => return result.map(|()| None),
+                None => {
+                    let inner = self.inner().clone();
+                    inner.wait_mailbox(
+                        self.incoming.call_id,
+                        &self.incoming.mailbox,
+                        self.deadline,
+                        &|s| !s.inbox.is_empty(),
+                    )?;
+                }
+            }
+        }
+    }
+
+    /// Closes the sending side and returns the server's one response (a
+    /// client-streaming call's answer).
+    pub fn finish(mut self) -> Result<Response, Status> {
+        self.close_send()?;
+        self.recv_unary()
+    }
+
+    /// Receives exactly one message, then the end.
+    pub(crate) fn recv_unary(&mut self) -> Result<Response, Status> {
+        let Some(message) = self.recv()? else {
+            return Err(Status::internal(
+                "the server ended the call without a response",
+            ));
+        };
+        match self.recv()? {
+            None => Ok(message),
+            Some(_) => Err(Status::internal(
+                "the server sent more than one response to a call expecting one",
+            )),
+        }
+    }
+
+    /// Descriptors received for this call and not yet read. Flow control
+    /// keeps it within [`protocol::WINDOW`] (plus the call's end) however
+    /// fast the server sends.
+    pub fn queued(&self) -> usize {
+        self.incoming.mailbox.lock().inbox.len()
+    }
+
+    /// Cancels the call: the server's handler sees it, and no more messages
+    /// are delivered. Dropping an unfinished call does the same.
+    pub fn cancel(self) {}
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.incoming.ended {
+            self.incoming.inner.abandon(self.incoming.call_id);
+        }
+    }
+}

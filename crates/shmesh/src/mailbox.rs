@@ -1,0 +1,122 @@
+//! A call's mailbox: the messages that came in for it, the credit it has to
+//! send, whether it was cancelled or ended, and whom to wake when any of
+//! that changes.
+//!
+//! One side fills it (the thread reading the ring), another empties it (the
+//! caller or handler of the call); a plain mutex is enough, since a mailbox
+//! is only used by streams and other calls that already left the fast path.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use std::task::Waker;
+use std::thread::Thread;
+
+use shmesh_shm::descriptor::Descriptor;
+
+use crate::protocol::WINDOW;
+
+/// Who to wake when a call has news.
+pub(crate) enum Waiter {
+    /// A blocking caller or handler.
+    Thread(Thread),
+    /// An async one (`None` until its future is first polled).
+    Task(Option<Waker>),
+}
+
+impl Waiter {
+    /// Whether waking `other` would wake the same thread or task.
+    fn same_as(&self, other: &Waiter) -> bool {
+        match (self, other) {
+            (Waiter::Thread(a), Waiter::Thread(b)) => a.id() == b.id(),
+            (Waiter::Task(Some(a)), Waiter::Task(Some(b))) => a.will_wake(b),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        match self {
+            Waiter::Thread(t) => t.unpark(),
+            Waiter::Task(Some(w)) => w.wake_by_ref(),
+            Waiter::Task(None) => {}
+        }
+    }
+}
+
+/// What a mailbox holds.
+pub(crate) struct MailboxState {
+    /// Descriptors received for the call, oldest first.
+    pub inbox: VecDeque<Descriptor>,
+    /// Payload descriptors this side may still send.
+    pub credit: u32,
+    /// The peer will send nothing more (it sent `END`).
+    pub peer_ended: bool,
+    /// The client cancelled the call.
+    pub cancelled: bool,
+    /// This side ended the call (its `END` is sent or being sent): later
+    /// sends are refused.
+    pub finished: bool,
+    /// Waiting for news (a handler and its cancellation watch may both
+    /// wait).
+    pub waiters: Vec<Waiter>,
+}
+
+/// A call's mailbox.
+pub(crate) struct Mailbox {
+    state: Mutex<MailboxState>,
+}
+
+impl Default for Mailbox {
+    fn default() -> Self {
+        Mailbox {
+            state: Mutex::new(MailboxState {
+                inbox: VecDeque::new(),
+                credit: WINDOW,
+                peer_ended: false,
+                cancelled: false,
+                finished: false,
+                waiters: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl Mailbox {
+    /// Locks the mailbox. A panic while it was held leaves plain data.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, MailboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the state with `f`, then wakes whoever waits.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MailboxState)) {
+        let mut state = self.lock();
+        f(&mut state);
+        for w in state.waiters.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Wakes whoever waits, if anyone does; says whether someone did.
+    pub(crate) fn wake_waiters(&self) -> bool {
+        let mut state = self.lock();
+        let any = !state.waiters.is_empty();
+        for w in state.waiters.drain(..) {
+            w.wake();
+        }
+        any
+    }
+
+    /// Whether the call was cancelled.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+}
+
+impl MailboxState {
+    /// Registers `waiter` to be woken by the next [`Mailbox::update`].
+    pub(crate) fn wait_with(&mut self, waiter: Waiter) {
+        let known = self.waiters.iter().any(|w| w.same_as(&waiter));
+        if !known {
+            self.waiters.push(waiter);
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The call protocol on the rings: which descriptors make up a call, who
+//! gives which slab back, and how much a sender may have in flight.
+//!
+//! Pure rules and small helpers, no IO; the client and the server both follow
+//! them.
+//!
+//! # A call
+//!
+//! The client opens a call with a descriptor flagged [`OPEN`] carrying the
+//! method and the deadline. Its messages follow (the first may ride on the
+//! `OPEN` descriptor); the last it sends carries `END` (half-close). The
+//! server answers with messages and ends the call with exactly one `END`
+//! descriptor: with `STATUS` set and the encoded [`crate::Status`] as payload
+//! when the call failed.
+//!
+//! - **Unary**: one descriptor each way. The request is
+//!   `OPEN | MESSAGE | END`; the response is `MESSAGE | END`. Descriptors
+//!   that carry a message (even an empty one) are flagged [`MESSAGE`].
+//! - **Streams** (server, client, bidirectional): messages travel as their
+//!   own descriptors; the server's `END` carries no message, only the status.
+//!
+//! # Slabs
+//!
+//! The server gives back every response slab through the return ring when
+//! its reader is done with it. A client message flagged [`RETURN`] is given
+//! back the same way; an unflagged one (a unary request) is freed by the
+//! client when the call's `END` arrives: one ring push saved per call.
+//!
+//! # Messages larger than a slab
+//!
+//! A message larger than the largest slab (up to the connection's
+//! `max_message`) is cut into chunks of at most the largest slab, each but
+//! the last flagged [`MORE`]: "the next payload descriptor of this call
+//! continues this message". Every chunk is flagged [`RETURN`]. The receiver
+//! copies the chunks into one buffer ([`Assembler`]); a message that would
+//! exceed `max_message` is refused with `ResourceExhausted`, never
+//! truncated.
+//!
+//! # Flow control
+//!
+//! Each direction of each call starts with [`WINDOW`] credits; every
+//! descriptor carrying a message or chunk costs one except those that open
+//! or end the call ([`costs_credit`]). The receiver grants credits back
+//! with a [`CREDIT`] descriptor (no payload, the count in the aux word) once
+//! it has consumed half a window, so a fast sender waits instead of
+//! exhausting the pool while a slow reader holds slabs. Unary calls never
+//! need a grant unless a message is chunked.
+//!
+//! # Cancellation
+//!
+//! A client that gives up sends a descriptor flagged `CANCEL` for the call.
+//! The server marks the call cancelled (its handler can observe it) and ends
+//! it with `Cancelled` unless it has ended already. Descriptors for calls the
+//! receiver does not know (finished, cancelled) are dropped after giving
+//! back any slab flagged [`RETURN`].
+
+use shmesh_shm::descriptor::{Descriptor, Flags};
+use thiserror::Error;
+
+/// Opens a call (client to server): the method and deadline words are
+/// meaningful.
+pub const OPEN: Flags = Flags(1 << 16);
+/// The receiver gives this payload's slab back through the return ring.
+pub const RETURN: Flags = Flags(1 << 17);
+/// The next payload descriptor of this call continues this message.
+pub const MORE: Flags = Flags(1 << 18);
+/// Grants the receiver `aux` more payload descriptors on this call.
+pub const CREDIT: Flags = Flags(1 << 19);
+/// The descriptor carries a message (or a chunk of one): its payload, or an
+/// empty message without one. Distinguishes "one empty message" from "no
+/// message" on opening and ending descriptors.
+pub const MESSAGE: Flags = Flags(1 << 20);
+
+/// Payload descriptors a sender may have unacknowledged per call and
+/// direction.
+pub const WINDOW: u32 = 16;
+
+/// Consumed payload descriptors after which a receiver grants credit.
+pub const GRANT_EVERY: u32 = WINDOW / 2;
+
+/// A descriptor granting `credits` on `call_id`.
+pub fn credit(call_id: u64, credits: u32) -> Descriptor {
+    Descriptor {
+        call_id,
+        flags: CREDIT,
+        aux: u64::from(credits),
+        ..Default::default()
+    }
+}
+
+/// A descriptor cancelling `call_id`.
+pub fn cancel(call_id: u64) -> Descriptor {
+    Descriptor {
+        call_id,
+        flags: Flags::CANCEL,
+        ..Default::default()
+    }
+}
+
+/// Whether sending a descriptor with `flags` takes a credit: messages and
+/// chunks do, except on the call's opening and ending descriptors.
+pub fn costs_credit(flags: Flags) -> bool {
+    flags.contains(MESSAGE) && !flags.contains(OPEN) && !flags.contains(Flags::END)
+}
+
+/// The credits a [`CREDIT`] descriptor grants (saturated to `u32`).
+pub fn granted(d: &Descriptor) -> u32 {
+    u32::try_from(d.aux).unwrap_or(u32::MAX)
+}
+
+/// Counts consumed payload descriptors and says when to grant credit.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CreditCounter {
+    consumed: u32,
+}
+
+impl CreditCounter {
+    /// Records one consumed descriptor that cost its sender a credit; returns the credits to grant
+    /// now, if it is time.
+    pub fn consumed(&mut self) -> Option<u32> {
+        self.consumed += 1;
+        (self.consumed >= GRANT_EVERY).then(|| std::mem::take(&mut self.consumed))
+    }
+}
+
+/// The lengths of the chunks a `len`-byte message is sent as, given the
+/// largest slab (`max_slab` > 0). A message that fits is one chunk; an empty
+/// one is one empty chunk.
+pub fn chunks(len: usize, max_slab: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let step = max_slab.max(1);
+    let count = len.div_ceil(step).max(1);
+    (0..count).map(move |i| i * step..((i + 1) * step).min(len))
+}
+
+/// A message assembled from chunks would exceed the limit.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("message exceeds the connection's limit of {limit} bytes")]
+pub struct TooLarge {
+    /// The connection's `max_message`.
+    pub limit: u64,
+}
+
+/// Copies the chunks of one message into one buffer, refusing to grow past
+/// the connection's limit.
+#[derive(Debug)]
+pub struct Assembler {
+    buf: Vec<u8>,
+    limit: u64,
+}
+
+impl Assembler {
+    /// An empty message of at most `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Assembler {
+            buf: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Appends one chunk.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), TooLarge> {
+        let total = self.buf.len() as u64 + chunk.len() as u64;
+        if total > self.limit {
+            return Err(TooLarge { limit: self.limit });
+        }
+        self.buf.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// The whole message.
+    pub fn finish(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_message_exactly() {
+        for (len, max) in [(0, 8), (1, 8), (8, 8), (9, 8), (17, 8), (64 << 20, 1 << 20)] {
+            let parts: Vec<_> = chunks(len, max).collect();
+            assert!(!parts.is_empty());
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts.last().unwrap().end, len);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            assert!(parts.iter().all(|r| r.len() <= max));
+        }
+        assert_eq!(chunks(64 << 20, 1 << 20).count(), 64);
+    }
+
+    #[test]
+    fn credit_is_granted_every_half_window() {
+        let mut c = CreditCounter::default();
+        let grants: Vec<_> = (0..WINDOW * 2).filter_map(|_| c.consumed()).collect();
+        assert_eq!(grants, vec![GRANT_EVERY; 4]);
+    }
+
+    #[test]
+    fn assembler_refuses_to_pass_the_limit() {
+        let mut a = Assembler::new(10);
+        a.push(&[1; 6]).unwrap();
+        assert_eq!(a.push(&[2; 5]), Err(TooLarge { limit: 10 }));
+        a.push(&[3; 4]).unwrap();
+        assert_eq!(a.finish().len(), 10);
+    }
+
+    #[test]
+    fn rpc_flags_are_in_the_upper_half() {
+        for f in [OPEN, RETURN, MORE, CREDIT, MESSAGE] {
+            assert_eq!(f.0 & Flags::UPPER.0, f.0);
+        }
+    }
+}

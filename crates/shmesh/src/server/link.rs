@@ -1,0 +1,443 @@
+//! The sending side of one connection, shared by its thread, the worker
+//! threads and the tasks that run its handlers.
+//!
+//! Only one thread may push to an SPSC ring at a time, so the response ring
+//! and the return ring sit behind mutexes here; the connection's thread
+//! takes them uncontended on the fast path. Everything that can block (a
+//! full ring, an exhausted pool, no credit) gives up once the connection is
+//! dead, so no handler outlives its client by more than its own work.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shmesh_shm::descriptor::{Descriptor, Flags};
+use shmesh_shm::doorbell::{Doorbell, EventDoorbell};
+use shmesh_shm::handle::SlabHandle;
+use shmesh_shm::pool::{AllocError, Pool, PoolView, SlabMut};
+use shmesh_shm::ring::{Consumer, Producer, PushError};
+use thiserror::Error;
+
+use crate::mailbox::{Mailbox, Waiter};
+use crate::protocol::{self, MESSAGE, MORE, RETURN};
+use crate::socket::PeerCredentials;
+use crate::stats::ConnectionRecorder;
+use crate::status::{Code, Status};
+
+/// How long a blocked handler sleeps before re-checking liveness.
+pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(20);
+
+/// The connection is gone: the client died, or broke the protocol.
+#[derive(Debug, Clone, Copy, Error)]
+#[error("the connection is closed")]
+pub(crate) struct Gone;
+
+impl From<Gone> for Status {
+    fn from(_: Gone) -> Status {
+        Status::unavailable("the client's connection is closed")
+    }
+}
+
+/// Slabs to give back to the client, and those that did not fit the ring
+/// yet (the client drains it when it next allocates; we never wait on it).
+struct GiveBack {
+    ring: Producer<SlabHandle>,
+    overflow: Vec<SlabHandle>,
+}
+
+/// What everything serving one connection shares.
+pub(crate) struct Link {
+    responses: Mutex<Producer<Descriptor>>,
+    give_back: Mutex<GiveBack>,
+    /// Set while `give_back.overflow` holds slabs: the connection's thread
+    /// retries them each pass.
+    overflowing: AtomicBool,
+    returned: Mutex<Consumer<SlabHandle>>,
+    /// Our pool (responses).
+    pub pool: Arc<Pool>,
+    /// The client's pool (requests), read-only.
+    pub peer_pool: Arc<PoolView>,
+    client_bell: EventDoorbell,
+    /// Rung to wake the connection's thread.
+    pub server_bell: Arc<Doorbell>,
+    /// The client is gone or broke the protocol.
+    pub dead: Arc<AtomicBool>,
+    broken: Mutex<Option<String>>,
+    /// The largest message either side may send.
+    pub max_message: u64,
+    /// The largest slab of our pool: larger messages go in chunks.
+    pub max_slab: usize,
+    /// Calls being served off the connection's thread, by call id.
+    calls: Mutex<HashMap<u64, Arc<Mailbox>>>,
+    /// Who the client is.
+    pub peer: PeerCredentials,
+    recorder: Mutex<ConnectionRecorder>,
+}
+
+/// The parts a [`Link`] is built from.
+pub(crate) struct LinkParts {
+    pub responses: Producer<Descriptor>,
+    pub give_back: Producer<SlabHandle>,
+    pub returned: Consumer<SlabHandle>,
+    pub pool: Arc<Pool>,
+    pub peer_pool: Arc<PoolView>,
+    pub client_bell: EventDoorbell,
+    pub server_bell: Arc<Doorbell>,
+    pub dead: Arc<AtomicBool>,
+    pub max_message: u64,
+    pub peer: PeerCredentials,
+    pub recorder: ConnectionRecorder,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Link {
+    pub(crate) fn new(p: LinkParts) -> Link {
+        let max_slab = p
+            .pool
+            .layout()
+            .classes
+            .last()
+            .map_or(0, |c| usize::try_from(c.slab_size).unwrap_or(usize::MAX));
+        Link {
+            responses: Mutex::new(p.responses),
+            give_back: Mutex::new(GiveBack {
+                ring: p.give_back,
+                overflow: Vec::new(),
+            }),
+            overflowing: AtomicBool::new(false),
+            returned: Mutex::new(p.returned),
+            pool: p.pool,
+            peer_pool: p.peer_pool,
+            client_bell: p.client_bell,
+            server_bell: p.server_bell,
+            dead: p.dead,
+            broken: Mutex::new(None),
+            max_message: p.max_message,
+            max_slab,
+            calls: Mutex::new(HashMap::new()),
+            peer: p.peer,
+            recorder: Mutex::new(p.recorder),
+        }
+    }
+
+    /// Whether the connection is gone.
+    pub(crate) fn is_dead(&self) -> bool {
+        // Acquire: pairs with the Release stores of the watcher and of
+        // `break_off`.
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Ends the connection because the client broke the protocol; the
+    /// connection's thread reports `why`.
+    pub(crate) fn break_off(&self, why: String) {
+        lock(&self.broken).get_or_insert(why);
+        // Release: handlers that see it also see why.
+        self.dead.store(true, Ordering::Release);
+        self.server_bell.notify();
+        self.wake_all();
+    }
+
+    /// Why the connection was broken off, if it was.
+    pub(crate) fn broken(&self) -> Option<String> {
+        lock(&self.broken).clone()
+    }
+
+    /// Wakes every handler waiting on its call (the connection ended).
+    pub(crate) fn wake_all(&self) {
+        for mailbox in lock(&self.calls).values() {
+            mailbox.update(|_| {});
+        }
+    }
+
+    /// Records a finished call in the connection's counters.
+    pub(crate) fn record(&self, method: u32, code: Code, elapsed: Duration) {
+        lock(&self.recorder).record(method, code, elapsed);
+    }
+
+    /// Registers call `call_id` as served off the connection's thread.
+    /// Returns `None` if the id is already in use (a protocol violation).
+    pub(crate) fn register(&self, call_id: u64) -> Option<Arc<Mailbox>> {
+        let mut calls = lock(&self.calls);
+        if calls.contains_key(&call_id) {
+            return None;
+        }
+        let mailbox = Arc::new(Mailbox::default());
+        calls.insert(call_id, mailbox.clone());
+        Some(mailbox)
+    }
+
+    /// The mailbox of a call served off the connection's thread.
+    pub(crate) fn mailbox(&self, call_id: u64) -> Option<Arc<Mailbox>> {
+        lock(&self.calls).get(&call_id).cloned()
+    }
+
+    /// Forgets a finished call.
+    pub(crate) fn unregister(&self, call_id: u64) {
+        lock(&self.calls).remove(&call_id);
+        // Shutdown waits for the table to empty.
+        self.server_bell.notify();
+    }
+
+    /// Calls served off the connection's thread now.
+    pub(crate) fn calls_in_progress(&self) -> usize {
+        lock(&self.calls).len()
+    }
+
+    /// Pushes `d` to the response ring and rings the client's bell, waiting
+    /// while the ring is full (the client drains it).
+    pub(crate) fn push(&self, d: Descriptor) -> Result<(), Gone> {
+        loop {
+            let pushed = lock(&self.responses).try_push(d);
+            match pushed {
+                Ok(()) => {
+                    self.client_bell.notify();
+                    return Ok(());
+                }
+                Err(PushError::Full(_)) => {
+                    if self.is_dead() {
+                        return Err(Gone);
+                    }
+                    std::thread::yield_now();
+                }
+                Err(PushError::Corrupt(e)) => {
+                    self.break_off(format!("response ring: {e}"));
+                    return Err(Gone);
+                }
+            }
+        }
+    }
+
+    /// Gives a request slab back to the client. Never waits: a full return
+    /// ring keeps the slab aside until the next attempt.
+    pub(crate) fn give_back(&self, handle: SlabHandle) {
+        let mut g = lock(&self.give_back);
+        g.overflow.push(handle);
+        self.flush(&mut g);
+    }
+
+    /// Retries slabs that did not fit the return ring earlier.
+    pub(crate) fn flush_give_back(&self) {
+        // Relaxed: a hint; the list itself is read under its lock.
+        if self.overflowing.load(Ordering::Relaxed) {
+            let mut g = lock(&self.give_back);
+            self.flush(&mut g);
+        }
+    }
+
+    fn flush(&self, g: &mut GiveBack) {
+        while let Some(&h) = g.overflow.first() {
+            match g.ring.try_push(h) {
+                Ok(()) => {
+                    g.overflow.swap_remove(0);
+                }
+                Err(PushError::Full(_)) => break,
+                Err(PushError::Corrupt(e)) => {
+                    self.break_off(format!("return ring: {e}"));
+                    break;
+                }
+            }
+        }
+        // Relaxed: see `flush_give_back`.
+        self.overflowing
+            .store(!g.overflow.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Gives back the slab of a client descriptor that asked for it
+    /// ([`RETURN`]) once we are done with it, after checking it names a slab
+    /// of the client's pool.
+    pub(crate) fn discard(&self, d: &Descriptor) -> Result<(), Gone> {
+        if d.flags.contains(Flags::PAYLOAD) && d.flags.contains(RETURN) {
+            if let Err(e) = self.peer_pool.read(d.payload, d.len.into()) {
+                self.break_off(format!("call {}: {e}", d.call_id));
+                return Err(Gone);
+            }
+            self.give_back(d.payload);
+        }
+        Ok(())
+    }
+
+    /// Takes back the response slabs the client returned.
+    pub(crate) fn reclaim(&self) -> Result<(), Gone> {
+        // Whoever holds the ring is draining it already.
+        let Ok(mut ring) = self.returned.try_lock() else {
+            return Ok(());
+        };
+        loop {
+            match ring.try_pop() {
+                Ok(Some(h)) => {
+                    if let Err(e) = self.pool.release_returned(h) {
+                        drop(ring);
+                        self.break_off(format!("returned slab: {e}"));
+                        return Err(Gone);
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    drop(ring);
+                    self.break_off(format!("return ring: {e}"));
+                    return Err(Gone);
+                }
+            }
+        }
+    }
+
+    /// A slab of at least `len` bytes (`len` ≤ the largest slab), waiting
+    /// for the client to return some while the pool is exhausted.
+    pub(crate) fn alloc(&self, len: usize) -> Result<SlabMut<'_>, AllocFailed> {
+        loop {
+            match self.pool.alloc(len) {
+                Ok(slab) => return Ok(slab),
+                Err(AllocError::Exhausted { .. }) => {
+                    self.reclaim()?;
+                    if let Ok(slab) = self.pool.alloc(len) {
+                        return Ok(slab);
+                    }
+                    if self.is_dead() {
+                        return Err(AllocFailed::Gone(Gone));
+                    }
+                    std::thread::yield_now();
+                }
+                Err(e @ AllocError::TooLarge { .. }) => return Err(AllocFailed::TooLarge(e)),
+            }
+        }
+    }
+
+    /// Writes `bytes` into a fresh slab and returns the descriptor that
+    /// carries it (`flags` added).
+    pub(crate) fn write(
+        &self,
+        call_id: u64,
+        method: u32,
+        bytes: &[u8],
+        flags: Flags,
+    ) -> Result<Descriptor, AllocFailed> {
+        let mut d = Descriptor {
+            call_id,
+            method_id: method,
+            flags,
+            ..Default::default()
+        };
+        if !bytes.is_empty() {
+            let mut slab = self.alloc(bytes.len())?;
+            slab[..bytes.len()].copy_from_slice(bytes);
+            d.flags = d.flags | Flags::PAYLOAD;
+            d.len = bytes.len() as u32;
+            d.payload = slab.send();
+        }
+        Ok(d)
+    }
+
+    /// The descriptor ending call `call_id` with `status`, its details
+    /// written to a slab (if one can be had; the code travels regardless).
+    pub(crate) fn status_descriptor(
+        &self,
+        call_id: u64,
+        method: u32,
+        status: &Status,
+    ) -> Descriptor {
+        let mut d = Descriptor {
+            call_id,
+            method_id: method,
+            flags: Flags::END | Flags::STATUS,
+            status: status.code() as u32,
+            ..Default::default()
+        };
+        if let Ok(mut slab) = self.alloc(status.encoded_len())
+            && let Ok(n) = status.encode_into(&mut slab)
+        {
+            d.flags = d.flags | Flags::PAYLOAD;
+            d.len = n as u32;
+            d.payload = slab.send();
+        }
+        d
+    }
+
+    /// Sends `bytes` as one message of call `call_id`, in chunks if it is
+    /// larger than a slab, taking a credit from `mailbox` for each chunk
+    /// that costs one (waiting for grants). With `end`, the last chunk ends the call (a
+    /// unary response).
+    pub(crate) fn send_blocking(
+        &self,
+        mailbox: &Mailbox,
+        call_id: u64,
+        method: u32,
+        bytes: &[u8],
+        end: bool,
+    ) -> Result<(), Status> {
+        self.check_size(bytes.len())?;
+        let parts: Vec<_> = protocol::chunks(bytes.len(), self.max_slab).collect();
+        let last = parts.len() - 1;
+        for (i, range) in parts.into_iter().enumerate() {
+            let flags = match (i == last, end) {
+                (false, _) => MESSAGE | MORE,
+                (true, true) => MESSAGE | Flags::END,
+                (true, false) => MESSAGE,
+            };
+            if protocol::costs_credit(flags) {
+                take_credit_blocking(self, mailbox)?;
+            }
+            let d = self
+                .write(call_id, method, &bytes[range], flags)
+                .map_err(Status::from)?;
+            self.push(d)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a message's size against the connection's limit.
+    pub(crate) fn check_size(&self, len: usize) -> Result<(), Status> {
+        if len as u64 > self.max_message {
+            return Err(Status::resource_exhausted(format!(
+                "message of {len} bytes exceeds the connection's limit of {} bytes",
+                self.max_message
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A slab could not be had.
+#[derive(Debug, Error)]
+pub(crate) enum AllocFailed {
+    /// The connection is gone.
+    #[error(transparent)]
+    Gone(#[from] Gone),
+    /// Larger than any slab (callers chunk, so a bug if it happens).
+    #[error(transparent)]
+    TooLarge(AllocError),
+}
+
+impl From<AllocFailed> for Status {
+    fn from(e: AllocFailed) -> Status {
+        match e {
+            AllocFailed::Gone(g) => g.into(),
+            AllocFailed::TooLarge(e) => Status::resource_exhausted(e.to_string()),
+        }
+    }
+}
+
+/// Takes one send credit of a call, waiting for the client to grant more.
+pub(crate) fn take_credit_blocking(link: &Link, mailbox: &Mailbox) -> Result<(), Status> {
+    loop {
+        {
+            let mut state = mailbox.lock();
+            if state.cancelled {
+                return Err(Status::cancelled("the client cancelled the call"));
+            }
+            if state.credit > 0 {
+                state.credit -= 1;
+                return Ok(());
+            }
+            if link.is_dead() {
+                return Err(Gone.into());
+            }
+            state.wait_with(Waiter::Thread(std::thread::current()));
+        }
+        std::thread::park_timeout(LIVENESS_SLICE);
+    }
+}

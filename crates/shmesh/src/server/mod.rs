@@ -1,0 +1,644 @@
+//! The server: accepts connections, gives each its own segment, and serves
+//! its calls.
+//!
+//! Each connection has a thread of its own that reads its request ring
+//! ([`dispatch`]). Handlers are registered per method in a [`Router`]:
+//!
+//! - [`Router::route`] and [`Router::route_in_place`]: quick unary handlers
+//!   run on the connection's thread, with no hand-off (the fast path);
+//! - [`Router::route_blocking`]: unary handlers that may block, on the
+//!   server's worker threads;
+//! - [`Router::route_async`]: async unary handlers, as tasks on a tokio
+//!   runtime;
+//! - [`Router::route_stream`] and [`Router::route_stream_async`]: server-,
+//!   client- and bidirectional streaming handlers, on the workers or as
+//!   tasks.
+//!
+//! A handler sees the request's bytes in place in shared memory, the
+//! caller's credentials, the time left before the caller's deadline and
+//! whether the caller cancelled, and returns the response or a [`Status`].
+//! A connection whose peer breaks the protocol (a corrupt ring, a forged
+//! handle, a flow-control overrun) is closed with a logged error; the
+//! server keeps serving everyone else. A client that dies is noticed when
+//! its socket closes, and its connection, segment and slabs go with it.
+
+mod dispatch;
+mod link;
+mod stream;
+#[cfg(feature = "tokio")]
+mod task;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::handshake::{Limits, SchemaHash, ServerPolicy, ServiceName, ServiceNameError};
+use crate::mailbox::Mailbox;
+use crate::socket::{self, Listener, PeerCredentials};
+use crate::stats::Stats;
+use crate::status::Status;
+use crate::{Address, AddressError, BindError};
+
+pub use stream::{Message, ServerStream};
+#[cfg(feature = "tokio")]
+pub use task::{AsyncRequest, AsyncServerStream, HandlerFuture};
+
+/// The runtime async handlers run on, if the server has one.
+#[cfg(feature = "tokio")]
+pub(crate) type Runtime = Option<tokio::runtime::Handle>;
+/// Without tokio there are no async handlers.
+#[cfg(not(feature = "tokio"))]
+pub(crate) type Runtime = ();
+
+/// One incoming unary call, as a handler sees it.
+pub struct Request<'a> {
+    /// The method called.
+    pub method: u32,
+    /// The request's bytes, in place in shared memory (or assembled, if it
+    /// came in chunks).
+    pub payload: &'a [u8],
+    /// Who called: from `SO_PEERCRED` at connect time.
+    pub peer: PeerCredentials,
+    /// Time left before the caller's deadline, if it set one.
+    pub remaining: Option<Duration>,
+    /// The call's mailbox, for a call served off the connection's thread.
+    call: Option<&'a Mailbox>,
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("len", &self.payload.len())
+            .field("peer", &self.peer)
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl Request<'_> {
+    /// Whether the client cancelled the call (it gave up or went away). A
+    /// handler on a worker ([`Router::route_blocking`]) that runs long should
+    /// check now and then; handlers on the connection's thread are meant to
+    /// be quick, and see `false`.
+    pub fn is_cancelled(&self) -> bool {
+        self.call.is_some_and(Mailbox::is_cancelled)
+    }
+}
+
+/// A method's handler that returns its response as bytes (copied into
+/// shared memory).
+pub type Handler = dyn Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync;
+
+/// A method's handler that writes its response in place.
+pub type InPlaceHandler = dyn Fn(&Request<'_>, &mut Reply<'_>) -> Result<(), Status> + Send + Sync;
+
+/// A streaming method's blocking handler.
+pub type StreamHandler = dyn Fn(&mut ServerStream) -> Result<(), Status> + Send + Sync;
+
+enum Route {
+    Copying(Box<Handler>),
+    InPlace(Box<InPlaceHandler>),
+    /// Run on the server's worker threads, off the connection's thread.
+    Offloaded(Box<Handler>),
+    /// A streaming handler on the worker threads.
+    Stream(Arc<StreamHandler>),
+    /// An async unary handler on the runtime.
+    #[cfg(feature = "tokio")]
+    Async(Arc<task::AsyncHandler>),
+    /// An async streaming handler on the runtime.
+    #[cfg(feature = "tokio")]
+    AsyncStream(Arc<task::AsyncStreamHandler>),
+}
+
+impl Route {
+    fn is_streaming(&self) -> bool {
+        match self {
+            Route::Stream(_) => true,
+            #[cfg(feature = "tokio")]
+            Route::AsyncStream(_) => true,
+            _ => false,
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    fn is_async(&self) -> bool {
+        matches!(self, Route::Async(_) | Route::AsyncStream(_))
+    }
+}
+
+/// Where an in-place handler writes its response: a slab of the server's
+/// pool, loaned once per call (or, for a response larger than any slab,
+/// a buffer sent in chunks).
+pub struct Reply<'p> {
+    link: &'p link::Link,
+    body: ReplyBody<'p>,
+}
+
+/// What a [`Reply`] holds.
+pub(crate) enum ReplyBody<'p> {
+    Empty,
+    Slab(shmesh_shm::pool::SlabMut<'p>, usize),
+    Heap(Vec<u8>),
+}
+
+impl std::fmt::Debug for Reply<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = match &self.body {
+            ReplyBody::Empty => 0,
+            ReplyBody::Slab(_, len) => *len,
+            ReplyBody::Heap(v) => v.len(),
+        };
+        f.debug_struct("Reply").field("len", &len).finish()
+    }
+}
+
+impl<'p> Reply<'p> {
+    fn new(link: &'p link::Link) -> Self {
+        Reply {
+            link,
+            body: ReplyBody::Empty,
+        }
+    }
+
+    fn into_body(self) -> ReplyBody<'p> {
+        self.body
+    }
+
+    /// Loans the `len`-byte response buffer (once per call; a second loan
+    /// replaces the first), waiting while the client holds every slab. A
+    /// response larger than the largest slab gets a buffer of its own, sent
+    /// in chunks; one larger than the connection's message limit is
+    /// `ResourceExhausted`.
+    pub fn loan(&mut self, len: usize) -> Result<&mut [u8], Status> {
+        self.body = ReplyBody::Empty;
+        self.link.check_size(len)?;
+        if len > self.link.max_slab {
+            self.body = ReplyBody::Heap(vec![0; len]);
+        } else if len > 0 {
+            self.body = ReplyBody::Slab(self.link.alloc(len)?, len);
+        }
+        Ok(match &mut self.body {
+            ReplyBody::Empty => &mut [],
+            ReplyBody::Slab(slab, len) => &mut slab[..*len],
+            ReplyBody::Heap(v) => v,
+        })
+    }
+}
+
+/// Handlers by method id.
+#[derive(Default)]
+pub struct Router {
+    handlers: HashMap<u32, Route>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("methods", &self.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Router {
+    /// An empty router: every method answers `Unimplemented`.
+    pub fn new() -> Self {
+        Router::default()
+    }
+
+    /// Serves `method` with `handler` (replacing any earlier handler).
+    pub fn route(
+        mut self,
+        method: u32,
+        handler: impl Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::Copying(Box::new(handler)));
+        self
+    }
+
+    /// Serves `method` with a handler that may block (I/O, long work): it runs
+    /// on the server's worker threads, so the connection goes on serving its
+    /// other calls meanwhile, and answers may overtake each other. Costs two
+    /// thread hand-offs per call; handlers that return quickly belong in
+    /// [`Router::route`], which runs them on the connection's own thread.
+    pub fn route_blocking(
+        mut self,
+        method: u32,
+        handler: impl Fn(&Request<'_>) -> Result<Vec<u8>, Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::Offloaded(Box::new(handler)));
+        self
+    }
+
+    /// Serves the streaming `method` (server, client or bidirectional
+    /// streaming) with a blocking handler, run on the server's worker
+    /// threads. The handler receives the client's messages and sends its
+    /// own through the [`ServerStream`]; its result ends the call.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// // Server streaming: one request, as many responses as it asks for.
+    /// let router = Router::new().route_stream(2, |call| {
+    ///     let request = call.recv()?.map(|m| m.to_vec()).unwrap_or_default();
+    ///     for i in 0..request.first().copied().unwrap_or(0) {
+    ///         call.send(&[i])?;
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn route_stream(
+        mut self,
+        method: u32,
+        handler: impl Fn(&mut ServerStream) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::Stream(Arc::new(handler)));
+        self
+    }
+
+    /// Serves `method` with an async handler, run as a task on the server's
+    /// tokio runtime (the one current at [`Server::bind`], or one the server
+    /// starts). The task is dropped if the client cancels or the deadline
+    /// passes.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// let router = Router::new().route_async(1, |request| {
+    ///     Box::pin(async move { Ok(request.payload().to_vec()) })
+    /// });
+    /// ```
+    #[cfg(feature = "tokio")]
+    pub fn route_async(
+        mut self,
+        method: u32,
+        handler: impl Fn(AsyncRequest) -> HandlerFuture<Vec<u8>> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::Async(Arc::new(handler)));
+        self
+    }
+
+    /// Serves the streaming `method` with an async handler, run as a task
+    /// on the server's tokio runtime; dropped if the client cancels or the
+    /// deadline passes.
+    #[cfg(feature = "tokio")]
+    pub fn route_stream_async(
+        mut self,
+        method: u32,
+        handler: impl Fn(AsyncServerStream) -> HandlerFuture<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::AsyncStream(Arc::new(handler)));
+        self
+    }
+
+    /// Serves `method` with a handler that writes its response in place:
+    /// the zero-copy way to answer.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// let router = Router::new().route_in_place(1, |request, reply| {
+    ///     reply.loan(request.payload.len())?.copy_from_slice(request.payload);
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn route_in_place(
+        mut self,
+        method: u32,
+        handler: impl Fn(&Request<'_>, &mut Reply<'_>) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.handlers
+            .insert(method, Route::InPlace(Box::new(handler)));
+        self
+    }
+}
+
+/// Starting the server failed.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The address does not parse.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    /// The service name is not valid.
+    #[error("invalid service name: {0}")]
+    Service(#[from] ServiceNameError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The worker threads could not start.
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
+}
+
+/// A server for one service at one address.
+pub struct Server {
+    listener: Listener,
+    policy: ServerPolicy,
+    router: Arc<Router>,
+    shutdown: Arc<AtomicBool>,
+    next_connection: AtomicU64,
+    live: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+    workers: Arc<Workers>,
+    runtime: Runtime,
+    /// The runtime the server started for its async handlers, if none was
+    /// current at bind time.
+    #[cfg(feature = "tokio")]
+    own_runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("address", self.listener.address())
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which tokio forbids inside another
+        // runtime; letting its threads go in the background never does.
+        if let Some(rt) = self.own_runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A job for a worker thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that run blocking handlers (offloaded unary calls, streams,
+/// large answers), shared by all connections. A stream holds its thread for
+/// as long as it lasts, so the pool grows when every thread is busy (up to
+/// [`Workers::MAX`]) and shrinks back when threads stay idle.
+struct Workers {
+    queue: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+    jobs: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<Job>>>,
+    /// Threads waiting for a job.
+    idle: Arc<AtomicU64>,
+    /// Threads alive.
+    threads: Arc<AtomicU64>,
+}
+
+impl Workers {
+    /// The most threads the pool grows to; jobs beyond wait their turn.
+    const MAX: u64 = 512;
+    /// Threads kept however idle.
+    const KEEP: u64 = 2;
+    /// How long an extra thread idles before it exits.
+    const IDLE_EXIT: Duration = Duration::from_secs(10);
+
+    fn start() -> std::io::Result<Self> {
+        let (queue, jobs) = std::sync::mpsc::channel::<Job>();
+        let workers = Workers {
+            queue: std::sync::Mutex::new(queue),
+            jobs: Arc::new(std::sync::Mutex::new(jobs)),
+            idle: Arc::new(AtomicU64::new(0)),
+            threads: Arc::new(AtomicU64::new(0)),
+        };
+        for _ in 0..Self::KEEP {
+            workers.spawn_thread()?;
+        }
+        Ok(workers)
+    }
+
+    fn spawn_thread(&self) -> std::io::Result<()> {
+        let (jobs, idle, threads) = (self.jobs.clone(), self.idle.clone(), self.threads.clone());
+        let count = self.threads.clone();
+        // Relaxed: counters that steer growth; a stale value only costs a
+        // thread more or a job a short wait.
+        let n = threads.fetch_add(1, Ordering::Relaxed);
+        let spawned = std::thread::Builder::new()
+            .name(format!("shmesh-worker-{n}"))
+            .spawn(move || {
+                loop {
+                    idle.fetch_add(1, Ordering::Relaxed);
+                    let job = {
+                        let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+                        rx.recv_timeout(Self::IDLE_EXIT)
+                    };
+                    idle.fetch_sub(1, Ordering::Relaxed);
+                    match job {
+                        Ok(job) => job(),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            if threads.load(Ordering::Relaxed) > Self::KEEP {
+                                break;
+                            }
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                threads.fetch_sub(1, Ordering::Relaxed);
+            });
+        if let Err(e) = spawned {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Queues `job`, starting a thread for it if every thread is busy.
+    fn submit(&self, job: Job) -> Result<(), Job> {
+        // Relaxed: see `spawn_thread`.
+        if self.idle.load(Ordering::Relaxed) == 0
+            && self.threads.load(Ordering::Relaxed) < Self::MAX
+            && let Err(e) = self.spawn_thread()
+        {
+            tracing::warn!("cannot start another worker thread: {e}");
+        }
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.send(job).map_err(|e| e.0)
+    }
+}
+
+/// Stops a running [`Server::serve`] from another thread.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    shutdown: Arc<AtomicBool>,
+    address: Address,
+}
+
+impl ShutdownHandle {
+    /// Stops accepting; connections finish the calls already sent, then close.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        // Wake the accept loop with a connection it will drop at once.
+        let _ = socket::connect(&self.address);
+    }
+}
+
+impl Server {
+    /// Binds `address` for `service` with schema `schema_hash`.
+    pub fn bind(
+        address: &str,
+        service: &str,
+        schema_hash: SchemaHash,
+        router: Router,
+    ) -> Result<Server, ServerError> {
+        let address: Address = address.parse()?;
+        let policy = ServerPolicy::new(ServiceName::new(service)?, schema_hash);
+        #[cfg(feature = "tokio")]
+        let (runtime, own_runtime) = if router.handlers.values().any(Route::is_async) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => (Some(handle), None),
+                Err(_) => {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .thread_name("shmesh-async")
+                        .enable_all()
+                        .build()
+                        .map_err(ServerError::Workers)?;
+                    (Some(rt.handle().clone()), Some(rt))
+                }
+            }
+        } else {
+            (None, None)
+        };
+        Ok(Server {
+            listener: Listener::bind(&address)?,
+            policy,
+            router: Arc::new(router),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            next_connection: AtomicU64::new(1),
+            live: Arc::new(AtomicU64::new(0)),
+            stats: Arc::new(Stats::default()),
+            workers: Arc::new(Workers::start().map_err(ServerError::Workers)?),
+            #[cfg(feature = "tokio")]
+            runtime,
+            #[cfg(feature = "tokio")]
+            own_runtime,
+            #[cfg(not(feature = "tokio"))]
+            runtime: (),
+        })
+    }
+
+    /// The most a client may be granted (defaults to [`Limits::default`]).
+    pub fn set_max_limits(&mut self, max: Limits) {
+        self.policy.max = max;
+    }
+
+    /// A handle to stop [`Server::serve`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            shutdown: self.shutdown.clone(),
+            address: self.listener.address().clone(),
+        }
+    }
+
+    /// Connections being served now.
+    pub fn live_connections(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// The server's call and connection counters; take a
+    /// [`Stats::snapshot`] at any time, from any thread.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// The counter behind [`Server::live_connections`], to read from a
+    /// handler or another thread while [`Server::serve`] runs.
+    pub fn live_counter(&self) -> Arc<AtomicU64> {
+        self.live.clone()
+    }
+
+    /// Accepts and serves connections until shut down; then waits for the
+    /// connections to finish their calls.
+    pub fn serve(&self) {
+        let mut connections = Vec::new();
+        while !self.shutdown.load(Ordering::Acquire) {
+            let conn = match self.listener.accept() {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            if self.shutdown.load(Ordering::Acquire) {
+                break;
+            }
+            let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+            let (policy, router, shutdown, live, stats, workers, runtime) = (
+                self.policy.clone(),
+                self.router.clone(),
+                self.shutdown.clone(),
+                self.live.clone(),
+                self.stats.clone(),
+                self.workers.clone(),
+                self.runtime.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("shmesh-conn-{id}"))
+                .spawn(move || {
+                    live.fetch_add(1, Ordering::AcqRel);
+                    let context = dispatch::ServerContext {
+                        policy: &policy,
+                        router: &router,
+                        shutdown: &shutdown,
+                        stats: &stats,
+                        workers: &workers,
+                        runtime: &runtime,
+                    };
+                    if let Err(e) = dispatch::serve_connection(conn, id, &context) {
+                        tracing::warn!(connection = id, "connection closed: {e}");
+                    }
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            match spawned {
+                Ok(handle) => connections.push(handle),
+                Err(e) => tracing::error!("cannot start a connection thread: {e}"),
+            }
+            connections.retain(|c| !c.is_finished());
+        }
+        for c in connections {
+            let _ = c.join();
+        }
+    }
+}
+
+/// A server running on a thread of its own, for tests and examples: shut
+/// down and joined on drop.
+pub struct BackgroundServer {
+    handle: ShutdownHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+    live: Arc<AtomicU64>,
+}
+
+impl BackgroundServer {
+    /// Runs `server` on a new thread.
+    pub fn spawn(server: Server) -> std::io::Result<Self> {
+        let handle = server.shutdown_handle();
+        let live = server.live.clone();
+        let thread = std::thread::Builder::new()
+            .name("shmesh-server".into())
+            .spawn(move || server.serve())?;
+        Ok(BackgroundServer {
+            handle,
+            thread: Some(thread),
+            live,
+        })
+    }
+
+    /// Connections being served now.
+    pub fn live_connections(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for BackgroundServer {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

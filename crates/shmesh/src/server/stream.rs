@@ -1,0 +1,315 @@
+//! What a streaming handler holds: the client's messages coming in, its own
+//! going out, under flow control.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shmesh_shm::descriptor::{Descriptor, Flags};
+
+use crate::deadline;
+use crate::mailbox::{Mailbox, MailboxState, Waiter};
+use crate::protocol::{self, Assembler, CreditCounter, MESSAGE, MORE, RETURN};
+use crate::server::link::{Gone, LIVENESS_SLICE, Link};
+use crate::socket::PeerCredentials;
+use crate::status::Status;
+
+/// A message from the client: derefs to its bytes, read in place in shared
+/// memory (or assembled, if it came in chunks), and gives its slab back
+/// when dropped.
+pub struct Message {
+    body: Body,
+}
+
+enum Body {
+    Shared { link: Arc<Link>, d: Descriptor },
+    Owned(Vec<u8>),
+}
+
+impl Message {
+    pub(crate) fn owned(bytes: Vec<u8>) -> Self {
+        Message {
+            body: Body::Owned(bytes),
+        }
+    }
+}
+
+impl std::ops::Deref for Message {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.body {
+            // Checked when the message was received.
+            Body::Shared { link, d } => link.peer_pool.read(d.payload, d.len.into()).unwrap_or(&[]),
+            Body::Owned(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message").field("len", &self.len()).finish()
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        if let Body::Shared { link, d } = &self.body
+            && d.flags.contains(RETURN)
+        {
+            link.give_back(d.payload);
+        }
+    }
+}
+
+/// The receiving and sending state of one call served off the connection's
+/// thread; shared by the blocking and the async stream.
+pub(crate) struct CallEnd {
+    pub link: Arc<Link>,
+    pub mailbox: Arc<Mailbox>,
+    pub call_id: u64,
+    pub method: u32,
+    pub deadline_ns: u64,
+    assembling: Option<Assembler>,
+    credits: CreditCounter,
+    pub started: std::time::Instant,
+}
+
+/// What looking at the mailbox came to.
+pub(crate) enum Step {
+    /// A message, or `None`: the client sends no more.
+    Ready(Option<Message>),
+    /// Nothing yet: wait for news.
+    Wait,
+}
+
+impl CallEnd {
+    pub(crate) fn new(link: Arc<Link>, mailbox: Arc<Mailbox>, first: &Descriptor) -> Self {
+        CallEnd {
+            link,
+            mailbox,
+            call_id: first.call_id,
+            method: first.method_id,
+            deadline_ns: first.deadline_ns,
+            assembling: None,
+            credits: CreditCounter::default(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes what the mailbox has towards the next message. With
+    /// `wait_as`, registers that waiter when it must wait.
+    pub(crate) fn step(&mut self, wait_as: impl FnOnce() -> Waiter) -> Result<Step, Status> {
+        let mut grant = None;
+        let step = {
+            let mailbox = self.mailbox.clone();
+            let mut state = mailbox.lock();
+            self.take(&mut state, &mut grant, wait_as)
+        };
+        if let Some(n) = grant {
+            self.link.push(protocol::credit(self.call_id, n))?;
+        }
+        step
+    }
+
+    fn take(
+        &mut self,
+        state: &mut MailboxState,
+        grant: &mut Option<u32>,
+        wait_as: impl FnOnce() -> Waiter,
+    ) -> Result<Step, Status> {
+        loop {
+            let Some(d) = state.inbox.pop_front() else {
+                if state.cancelled {
+                    return Err(Status::cancelled("the client cancelled the call"));
+                }
+                if state.peer_ended {
+                    if self.assembling.take().is_some() {
+                        return Err(Status::internal(
+                            "the client's stream ended inside a message",
+                        ));
+                    }
+                    return Ok(Step::Ready(None));
+                }
+                if self.link.is_dead() {
+                    return Err(Gone.into());
+                }
+                state.wait_with(wait_as());
+                return Ok(Step::Wait);
+            };
+            if protocol::costs_credit(d.flags)
+                && let Some(n) = self.credits.consumed()
+            {
+                *grant = Some(grant.unwrap_or(0) + n);
+            }
+            let bytes: &[u8] = if d.flags.contains(Flags::PAYLOAD) {
+                match self.link.peer_pool.read(d.payload, d.len.into()) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.link.break_off(format!("call {}: {e}", d.call_id));
+                        return Err(Gone.into());
+                    }
+                }
+            } else {
+                &[]
+            };
+            if d.flags.contains(MORE) || self.assembling.is_some() {
+                let assembler = self
+                    .assembling
+                    .get_or_insert_with(|| Assembler::new(self.link.max_message));
+                let pushed = assembler.push(bytes);
+                self.link.discard(&d)?;
+                pushed.map_err(|e| Status::resource_exhausted(e.to_string()))?;
+                if d.flags.contains(MORE) {
+                    continue;
+                }
+                let whole = self.assembling.take().map(Assembler::finish);
+                return Ok(Step::Ready(Some(Message::owned(whole.unwrap_or_default()))));
+            }
+            if d.flags.contains(Flags::PAYLOAD) {
+                return Ok(Step::Ready(Some(Message {
+                    body: Body::Shared {
+                        link: self.link.clone(),
+                        d,
+                    },
+                })));
+            }
+            return Ok(Step::Ready(Some(Message::owned(Vec::new()))));
+        }
+    }
+
+    /// What ending the call takes, to keep when the end itself is moved
+    /// into a handler.
+    pub(crate) fn done(&self) -> CallDone {
+        CallDone {
+            link: self.link.clone(),
+            mailbox: self.mailbox.clone(),
+            call_id: self.call_id,
+            method: self.method,
+            started: self.started,
+        }
+    }
+}
+
+/// Ends a call served off the connection's thread.
+pub(crate) struct CallDone {
+    pub link: Arc<Link>,
+    pub mailbox: Arc<Mailbox>,
+    pub call_id: u64,
+    pub method: u32,
+    pub started: std::time::Instant,
+}
+
+impl CallDone {
+    /// Ends the call with `result` unless it has ended already, gives back
+    /// whatever the client sent that nobody read, and forgets the call.
+    pub(crate) fn finish(&self, result: Result<(), Status>) {
+        let (cancelled, unread) = {
+            let mut state = self.mailbox.lock();
+            let already = std::mem::replace(&mut state.finished, true);
+            if already {
+                return;
+            }
+            (state.cancelled, std::mem::take(&mut state.inbox))
+        };
+        for d in unread {
+            if self.link.discard(&d).is_err() {
+                break;
+            }
+        }
+        let result = match result {
+            Ok(()) if cancelled => Err(Status::cancelled("the client cancelled the call")),
+            other => other,
+        };
+        let code = result
+            .as_ref()
+            .err()
+            .map_or(crate::status::Code::Ok, Status::code);
+        let end = match result {
+            Ok(()) => Descriptor {
+                call_id: self.call_id,
+                method_id: self.method,
+                flags: Flags::END,
+                ..Default::default()
+            },
+            Err(status) => self
+                .link
+                .status_descriptor(self.call_id, self.method, &status),
+        };
+        // A dead client takes the end with it.
+        let _ = self.link.push(end);
+        self.link.record(self.method, code, self.started.elapsed());
+        self.link.unregister(self.call_id);
+    }
+}
+
+/// A streaming call as its blocking handler sees it: receive the client's
+/// messages, send yours, then return the call's status.
+///
+/// Server streaming, client streaming and bidirectional calls all use it:
+/// a server-streaming handler receives one message and sends many, a
+/// client-streaming one receives until `None` and sends one.
+pub struct ServerStream {
+    pub(crate) end: CallEnd,
+}
+
+impl std::fmt::Debug for ServerStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerStream")
+            .field("call_id", &self.end.call_id)
+            .field("method", &self.end.method)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerStream {
+    /// The method called.
+    pub fn method(&self) -> u32 {
+        self.end.method
+    }
+
+    /// Who called.
+    pub fn peer(&self) -> PeerCredentials {
+        self.end.link.peer
+    }
+
+    /// Time left before the caller's deadline, if it set one.
+    pub fn remaining(&self) -> Option<Duration> {
+        deadline::remaining(self.end.deadline_ns)
+    }
+
+    /// Whether the client cancelled the call (it went away or gave up):
+    /// a long handler should check now and then and stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.end.mailbox.is_cancelled()
+    }
+
+    /// The client's next message, waiting for it; `None` once the client
+    /// has sent its last. `Cancelled` if the client cancels meanwhile.
+    pub fn recv(&mut self) -> Result<Option<Message>, Status> {
+        loop {
+            match self.end.step(|| Waiter::Thread(std::thread::current()))? {
+                Step::Ready(m) => return Ok(m),
+                Step::Wait => std::thread::park_timeout(LIVENESS_SLICE),
+            }
+        }
+    }
+
+    /// Sends one message to the client (in chunks if larger than a slab),
+    /// waiting while the client has not granted the credit for it.
+    pub fn send(&mut self, message: &[u8]) -> Result<(), Status> {
+        if self.end.mailbox.lock().finished {
+            return Err(Status::failed_precondition("the call has ended"));
+        }
+        self.end.link.send_blocking(
+            &self.end.mailbox,
+            self.end.call_id,
+            self.end.method,
+            message,
+            false,
+        )
+    }
+}
+
+/// Descriptor flags of a message the dispatcher delivers to a mailbox.
+pub(crate) fn is_message(d: &Descriptor) -> bool {
+    d.flags.contains(MESSAGE)
+}
