@@ -15,7 +15,6 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -24,10 +23,10 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::client::{
-    Answer, CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE, RequestBuf,
-    Response, lock, take_if_done,
+    Answer, Call, CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE,
+    RequestBuf, Response, lock, take_if_done,
 };
-use crate::mailbox::Waiter;
+use crate::mailbox::{Mailbox, MailboxState, Waiter};
 use crate::status::Status;
 
 /// A connection to a shmesh server for async callers. Cheap to clone.
@@ -100,19 +99,29 @@ impl AsyncChannel {
         self.channel.inner.loan(len, Some(Instant::now()))
     }
 
-    /// Calls `method` with `request`, copied into shared memory.
+    /// Calls `method` with `request`, copied into shared memory (in chunks
+    /// if it is larger than a slab).
     pub async fn call(
         &self,
         method: u32,
         request: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
-        let mut buf = self
-            .channel
-            .inner
-            .loan(request.len(), timeout.map(|t| Instant::now() + t))?;
+        let inner = &self.channel.inner;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        if request.len() > inner.max_slab {
+            return self.call_chunked(method, request, timeout, deadline).await;
+        }
+        inner.check_size(request.len())?;
+        let mut buf = RequestBuf::from_slab(
+            match request.len() {
+                0 => None,
+                n => Some(self.alloc(n, deadline).await?),
+            },
+            request.len(),
+        );
         buf.copy_from_slice(request);
-        self.send(method, buf, timeout).await
+        self.send_until(method, buf, timeout, deadline).await
     }
 
     /// Sends a request written in place and awaits the response.
@@ -122,20 +131,160 @@ impl AsyncChannel {
         request: RequestBuf,
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
-        let inner = &self.channel.inner;
         let deadline = timeout.map(|t| Instant::now() + t);
+        if let Some(bytes) = request.heap() {
+            return self.call_chunked(method, bytes, timeout, deadline).await;
+        }
+        self.send_until(method, request, timeout, deadline).await
+    }
+
+    async fn send_until(
+        &self,
+        method: u32,
+        request: RequestBuf,
+        timeout: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<Response, Status> {
+        let inner = &self.channel.inner;
         let call = inner.start(method, request, timeout, deadline, Waiter::Task(None))?;
-        let answer = self.wait(call.call_id, deadline).await;
-        inner.end(call, answer, deadline)
+        match self.wait(call.call_id, deadline).await {
+            Ok(Answer::Streamed(mailbox)) => {
+                // The answer comes in chunks: read it as a stream.
+                let mut rest = AsyncCall {
+                    call: Call::resume(inner, call.call_id, mailbox, deadline),
+                    channel: self.clone(),
+                };
+                call.disarm();
+                rest.recv_unary().await
+            }
+            answer => inner.end(call, answer, deadline),
+        }
+    }
+
+    /// A unary call whose request is larger than a slab: sent in chunks.
+    async fn call_chunked(
+        &self,
+        method: u32,
+        request: &[u8],
+        timeout: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<Response, Status> {
+        let mut call = AsyncCall {
+            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            channel: self.clone(),
+        };
+        call.send_message(request, true, true).await?;
+        call.recv_unary().await
+    }
+
+    /// Opens a streaming call (client streaming or bidirectional); see
+    /// [`Channel::open`].
+    pub fn open(&self, method: u32, timeout: Option<Duration>) -> Result<AsyncCall, Status> {
+        Ok(AsyncCall {
+            call: self.channel.open(method, timeout)?,
+            channel: self.clone(),
+        })
+    }
+
+    /// Opens a server-streaming call with its one `request`; see
+    /// [`Channel::server_stream`].
+    pub async fn server_stream(
+        &self,
+        method: u32,
+        request: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<AsyncCall, Status> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut call = AsyncCall {
+            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            channel: self.clone(),
+        };
+        call.send_message(request, true, true).await?;
+        Ok(call)
+    }
+
+    /// A slab for `len` bytes, awaiting (not blocking) while the pool is
+    /// exhausted.
+    async fn alloc(
+        &self,
+        len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<shmesh_shm::pool::OwnedSlab, Status> {
+        let inner = &self.channel.inner;
+        loop {
+            if let Some(slab) = inner.try_alloc(len)? {
+                return Ok(slab);
+            }
+            if inner.is_dead() {
+                return Err(inner.unavailable());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Status::deadline_exceeded(
+                    "no free slab before the deadline (pool exhausted)",
+                ));
+            }
+            // Slabs come back as the server answers; no event says so.
+            tokio::time::sleep(Duration::from_micros(50)).await;
+        }
     }
 
     async fn wait(&self, call_id: u64, deadline: Option<Instant>) -> Result<Answer, Status> {
         let inner: &Arc<Inner> = &self.channel.inner;
-        loop {
-            if let Some(d) = take_if_done(&mut lock(&inner.pending), call_id) {
-                return Ok(d);
+        let mut answer = None;
+        self.wait_until(
+            call_id,
+            deadline,
+            &mut |found| {
+                if let Some(a) = found {
+                    answer = Some(a);
+                }
+                if answer.is_none() {
+                    answer = take_if_done(&mut lock(&inner.pending), call_id);
+                }
+                answer.is_some()
+            },
+            &|cx| park_on_call(inner, call_id, cx),
+        )
+        .await?;
+        answer.ok_or_else(|| Status::internal("a unary call's answer went missing"))
+    }
+
+    /// Waits until `ready` holds for a streaming call's mailbox.
+    async fn wait_mailbox(
+        &self,
+        call_id: u64,
+        mailbox: &Mailbox,
+        deadline: Option<Instant>,
+        ready: &(dyn Fn(&MailboxState) -> bool + Sync),
+    ) -> Result<(), Status> {
+        self.wait_until(call_id, deadline, &mut |_| ready(&mailbox.lock()), &|cx| {
+            let mut state = mailbox.lock();
+            if ready(&state) {
+                return false;
             }
-            if inner.dead.load(Ordering::Acquire) {
+            state.wait_with(Waiter::Task(Some(cx.waker().clone())));
+            true
+        })
+        .await
+    }
+
+    /// The async wait of a call: checks `done` (given the answer a
+    /// collection found for this call, if any); leads the collection of
+    /// responses when nobody does, awaiting the eventfd; otherwise parks
+    /// with `park` (which says whether it parked) until woken.
+    async fn wait_until(
+        &self,
+        call_id: u64,
+        deadline: Option<Instant>,
+        done: &mut (dyn FnMut(Option<Answer>) -> bool + Send),
+        park: &(dyn Fn(&mut std::task::Context<'_>) -> bool + Sync),
+    ) -> Result<(), Status> {
+        let inner: &Arc<Inner> = &self.channel.inner;
+        loop {
+            if done(None) {
+                return Ok(());
+            }
+            if inner.is_dead() {
                 return Err(inner.unavailable());
             }
             let now = Instant::now();
@@ -145,17 +294,18 @@ impl AsyncChannel {
             let slice_end = deadline.map_or(now + LIVENESS_SLICE, |t| t.min(now + LIVENESS_SLICE));
             let leading = match inner.ends_recv.try_lock() {
                 Ok(mut ring) => {
-                    if let Some(d) = inner.collect(&mut ring, call_id)? {
+                    let found = inner.collect(&mut ring, call_id)?;
+                    if done(found) {
                         drop(ring);
                         inner.promote_a_follower();
-                        return Ok(d);
+                        return Ok(());
                     }
                     // Announce, then look once more, then await the fd
                     // without holding the ring: the announcement makes the
                     // server ring the eventfd for anything pushed from now on.
                     inner.client_bell.announce();
                     let announced = Announced(&inner.client_bell);
-                    if ring.has_pending_hint() || inner.dead.load(Ordering::Acquire) {
+                    if ring.has_pending_hint() || inner.is_dead() {
                         continue;
                     }
                     drop(ring);
@@ -175,30 +325,149 @@ impl AsyncChannel {
                     drop(announced);
                 }
                 None => {
-                    let _ = tokio::time::timeout_at(until, follow(inner, call_id)).await;
+                    let _ = tokio::time::timeout_at(until, follow(park)).await;
                 }
             }
         }
     }
 }
 
-/// Parks this task's waker on its call, and resolves once woken: by the
-/// leader handing over the answer, or by a promotion to lead.
-async fn follow(inner: &Inner, call_id: u64) {
+/// Parks this task's waker until woken (by the leader handing over the
+/// answer, or by a promotion to lead); `park` registers it, or says there
+/// is no need.
+async fn follow(park: &(dyn Fn(&mut std::task::Context<'_>) -> bool + Sync)) {
     let mut parked = false;
     std::future::poll_fn(|cx| {
-        if parked {
+        if parked || !park(cx) {
             return Poll::Ready(());
         }
-        let mut pending = lock(&inner.pending);
-        match pending.get_mut(&call_id) {
-            Some(p) if matches!(p.state, CallState::Waiting(_)) => {
-                p.state = CallState::Waiting(Waiter::Task(Some(cx.waker().clone())));
-                parked = true;
-                Poll::Pending
-            }
-            _ => Poll::Ready(()),
-        }
+        parked = true;
+        Poll::Pending
     })
     .await
+}
+
+/// Registers a unary caller's waker on its call; `false` if the answer is
+/// in already (or the call is gone).
+fn park_on_call(inner: &Inner, call_id: u64, cx: &mut std::task::Context<'_>) -> bool {
+    let mut pending = lock(&inner.pending);
+    match pending.get_mut(&call_id) {
+        Some(p) if matches!(p.state, CallState::Waiting(_)) => {
+            p.state = CallState::Waiting(Waiter::Task(Some(cx.waker().clone())));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A streaming call for async callers: the async twin of [`Call`].
+/// Dropping it before it ends cancels it.
+pub struct AsyncCall {
+    call: Call,
+    channel: AsyncChannel,
+}
+
+impl std::fmt::Debug for AsyncCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AsyncCall").field(&self.call).finish()
+    }
+}
+
+impl AsyncCall {
+    /// Sends one message, copied into shared memory (in chunks if larger
+    /// than a slab), awaiting the server's credit when the window is full.
+    pub async fn send(&mut self, message: &[u8]) -> Result<(), Status> {
+        let open = !self.call.opened();
+        self.send_message(message, open, false).await
+    }
+
+    /// Sends one message written in place into a loaned buffer.
+    pub async fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        if let Some(bytes) = message.heap() {
+            return self.send(bytes).await;
+        }
+        let len = message.len();
+        match message.into_slab() {
+            Some(slab) => {
+                let flags = self.call.loaned_flags(&slab)?;
+                self.credit(flags).await?;
+                self.call.push_loaned(slab, len, flags)
+            }
+            None => self.send(&[]).await,
+        }
+    }
+
+    async fn credit(&mut self, flags: shmesh_shm::descriptor::Flags) -> Result<(), Status> {
+        while !self.call.try_take_credit(flags)? {
+            let (call_id, mailbox, deadline) = self.call.waiting_on();
+            let mailbox = mailbox.clone();
+            self.channel
+                .wait_mailbox(call_id, &mailbox, deadline, &|s| {
+                    s.credit > 0 || s.peer_ended
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn send_message(&mut self, bytes: &[u8], open: bool, end: bool) -> Result<(), Status> {
+        for (range, flags) in self.call.plan(bytes.len(), open, end)? {
+            self.credit(flags).await?;
+            let chunk = &bytes[range];
+            let slab = match chunk.len() {
+                0 => None,
+                n => {
+                    let (_, _, deadline) = self.call.waiting_on();
+                    Some(self.channel.alloc(n, deadline).await?)
+                }
+            };
+            self.call.push_chunk(chunk, flags, slab)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the sending side (see [`Call::close_send`]).
+    pub fn close_send(&mut self) -> Result<(), Status> {
+        self.call.close_send()
+    }
+
+    /// The server's next message; `None` once the call has ended
+    /// successfully, the call's status if it failed.
+    pub async fn recv(&mut self) -> Result<Option<Response>, Status> {
+        loop {
+            if let Some(m) = self.call.try_recv()? {
+                return Ok(m);
+            }
+            let (call_id, mailbox, deadline) = self.call.waiting_on();
+            let mailbox = mailbox.clone();
+            self.channel
+                .wait_mailbox(call_id, &mailbox, deadline, &|s| !s.inbox.is_empty())
+                .await?;
+        }
+    }
+
+    /// Closes the sending side and returns the server's one response.
+    pub async fn finish(mut self) -> Result<Response, Status> {
+        self.close_send()?;
+        self.recv_unary().await
+    }
+
+    async fn recv_unary(&mut self) -> Result<Response, Status> {
+        let Some(message) = self.recv().await? else {
+            return Err(Status::internal(
+                "the server ended the call without a response",
+            ));
+        };
+        match self.recv().await? {
+            None => Ok(message),
+            Some(_) => Err(Status::internal(
+                "the server sent more than one response to a call expecting one",
+            )),
+        }
+    }
+
+    /// Messages received and not yet read (see [`Call::queued`]).
+    pub fn queued(&self) -> usize {
+        self.call.queued()
+    }
 }

@@ -263,6 +263,11 @@ impl Call {
         }
     }
 
+    /// Whether the opening descriptor has gone out.
+    pub(crate) fn opened(&self) -> bool {
+        self.opened
+    }
+
     fn inner(&self) -> &Arc<Inner> {
         &self.incoming.inner
     }
@@ -298,31 +303,47 @@ impl Call {
     pub fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
         match message.body {
             RequestBody::Slab(slab) => {
-                self.check_open_for_sending()?;
-                if !slab.is_from(&self.inner().pool) {
-                    return Err(Status::invalid_argument(
-                        "message buffer loaned from another channel",
-                    ));
-                }
-                let mut flags = MESSAGE | RETURN | Flags::PAYLOAD;
-                if !self.opened {
-                    flags = flags | OPEN;
-                }
+                let flags = self.loaned_flags(&slab)?;
                 self.take_credit(flags)?;
-                let mut d = self.descriptor(flags);
-                d.len = message.len as u32;
-                d.payload = slab.send();
-                if let Err(status) = self.push(d) {
-                    // Never published: take the slab back.
-                    let _ = self.inner().pool.release_returned(d.payload);
-                    return Err(status);
-                }
-                self.opened = true;
-                Ok(())
+                self.push_loaned(slab, message.len, flags)
             }
             RequestBody::Heap(bytes) => self.send(&bytes),
             RequestBody::Empty => self.send(&[]),
         }
+    }
+
+    /// Checks a loaned buffer can go on this call; the flags it goes with.
+    pub(crate) fn loaned_flags(&self, slab: &shmesh_shm::pool::OwnedSlab) -> Result<Flags, Status> {
+        self.check_open_for_sending()?;
+        if !slab.is_from(&self.inner().pool) {
+            return Err(Status::invalid_argument(
+                "message buffer loaned from another channel",
+            ));
+        }
+        let mut flags = MESSAGE | RETURN;
+        if !self.opened {
+            flags = flags | OPEN;
+        }
+        Ok(flags)
+    }
+
+    /// Sends a loaned buffer of `len` bytes (its credit already taken).
+    pub(crate) fn push_loaned(
+        &mut self,
+        slab: shmesh_shm::pool::OwnedSlab,
+        len: usize,
+        flags: Flags,
+    ) -> Result<(), Status> {
+        let mut d = self.descriptor(flags | Flags::PAYLOAD);
+        d.len = len as u32;
+        d.payload = slab.send();
+        if let Err(status) = self.push(d) {
+            // Never published: take the slab back.
+            let _ = self.inner().pool.release_returned(d.payload);
+            return Err(status);
+        }
+        self.opened = true;
+        Ok(())
     }
 
     fn check_open_for_sending(&self) -> Result<(), Status> {
@@ -345,41 +366,97 @@ impl Call {
         open: bool,
         end: bool,
     ) -> Result<(), Status> {
-        self.check_open_for_sending()?;
         let inner = self.inner().clone();
-        inner.check_size(bytes.len())?;
-        let parts: Vec<_> = protocol::chunks(bytes.len(), inner.max_slab).collect();
-        let last = parts.len() - 1;
-        for (i, range) in parts.into_iter().enumerate() {
-            let mut flags = MESSAGE | RETURN;
-            if i != last {
-                flags = flags | MORE;
+        for (range, flags) in self.plan(bytes.len(), open, end)? {
+            while !self.try_take_credit(flags)? {
+                inner.wait_mailbox(
+                    self.incoming.call_id,
+                    &self.incoming.mailbox,
+                    self.deadline,
+                    &|s| s.credit > 0 || s.peer_ended,
+                )?;
             }
-            if i == 0 && open {
-                flags = flags | OPEN;
-            }
-            if i == last && end {
-                flags = flags | Flags::END;
-            }
-            self.take_credit(flags)?;
             let chunk = &bytes[range];
-            let mut d = self.descriptor(flags);
-            if !chunk.is_empty() {
-                let mut slab = inner.alloc(chunk.len(), self.deadline)?;
-                slab[..chunk.len()].copy_from_slice(chunk);
-                d.flags = d.flags | Flags::PAYLOAD;
-                d.len = chunk.len() as u32;
-                d.payload = slab.send();
-            }
-            if let Err(status) = self.push(d) {
-                if d.flags.contains(Flags::PAYLOAD) {
-                    let _ = inner.pool.release_returned(d.payload);
-                }
-                return Err(status);
-            }
-            self.opened = true;
+            let slab = match chunk.len() {
+                0 => None,
+                n => Some(inner.alloc(n, self.deadline)?),
+            };
+            self.push_chunk(chunk, flags, slab)?;
         }
-        if end {
+        Ok(())
+    }
+
+    /// The chunks a `len`-byte message goes out as, with their flags.
+    pub(crate) fn plan(
+        &self,
+        len: usize,
+        open: bool,
+        end: bool,
+    ) -> Result<Vec<(std::ops::Range<usize>, Flags)>, Status> {
+        self.check_open_for_sending()?;
+        let inner = self.inner();
+        inner.check_size(len)?;
+        let parts: Vec<_> = protocol::chunks(len, inner.max_slab).collect();
+        let last = parts.len() - 1;
+        Ok(parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, range)| {
+                let mut flags = MESSAGE | RETURN;
+                if i != last {
+                    flags = flags | MORE;
+                }
+                if i == 0 && open {
+                    flags = flags | OPEN;
+                }
+                if i == last && end {
+                    flags = flags | Flags::END;
+                }
+                (range, flags)
+            })
+            .collect())
+    }
+
+    /// Takes the credit a descriptor with `flags` costs, if the server has
+    /// granted it; `false` if the caller must wait for a grant.
+    pub(crate) fn try_take_credit(&mut self, flags: Flags) -> Result<bool, Status> {
+        if !protocol::costs_credit(flags) {
+            return Ok(true);
+        }
+        let mut state = self.incoming.mailbox.lock();
+        if state.credit > 0 {
+            state.credit -= 1;
+            return Ok(true);
+        }
+        if state.peer_ended {
+            return Err(Status::failed_precondition("the server has ended the call"));
+        }
+        Ok(false)
+    }
+
+    /// Writes one chunk into `slab` (none for an empty chunk) and sends it.
+    pub(crate) fn push_chunk(
+        &mut self,
+        chunk: &[u8],
+        flags: Flags,
+        slab: Option<shmesh_shm::pool::OwnedSlab>,
+    ) -> Result<(), Status> {
+        let mut d = self.descriptor(flags);
+        if let Some(mut slab) = slab {
+            slab[..chunk.len()].copy_from_slice(chunk);
+            d.flags = d.flags | Flags::PAYLOAD;
+            d.len = chunk.len() as u32;
+            d.payload = slab.send();
+        }
+        if let Err(status) = self.push(d) {
+            if d.flags.contains(Flags::PAYLOAD) {
+                // Never published: the slab is still ours.
+                let _ = self.inner().pool.release_returned(d.payload);
+            }
+            return Err(status);
+        }
+        self.opened = true;
+        if flags.contains(Flags::END) {
             self.send_closed = true;
         }
         Ok(())
@@ -388,21 +465,15 @@ impl Call {
     /// Takes the credit a descriptor with `flags` costs, waiting for the
     /// server to grant it.
     fn take_credit(&mut self, flags: Flags) -> Result<(), Status> {
-        if !protocol::costs_credit(flags) {
-            return Ok(());
-        }
         let inner = self.inner().clone();
-        inner.wait_mailbox(
-            self.incoming.call_id,
-            &self.incoming.mailbox,
-            self.deadline,
-            &|s| s.credit > 0 || s.peer_ended,
-        )?;
-        let mut state = self.incoming.mailbox.lock();
-        if state.credit == 0 {
-            return Err(Status::failed_precondition("the server has ended the call"));
+        while !self.try_take_credit(flags)? {
+            inner.wait_mailbox(
+                self.incoming.call_id,
+                &self.incoming.mailbox,
+                self.deadline,
+                &|s| s.credit > 0 || s.peer_ended,
+            )?;
         }
-        state.credit -= 1;
         Ok(())
     }
 
@@ -422,16 +493,30 @@ impl Call {
         Ok(())
     }
 
+    /// The next message if one is in: `Some(None)` once the call has ended
+    /// successfully, `None` if the caller must wait.
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Option<Response>>, Status> {
+        if self.incoming.ended {
+            return Ok(Some(None));
+        }
+        match self.incoming.step()? {
+            Some(Event::Message(m)) => Ok(Some(Some(m))),
+            Some(Event::End(result)) => result.map(|()| Some(None)),
+            None => Ok(None),
+        }
+    }
+
+    /// The call's id and mailbox, for a front-end that waits on it.
+    pub(crate) fn waiting_on(&self) -> (u64, &Arc<Mailbox>, Option<Instant>) {
+        (self.incoming.call_id, &self.incoming.mailbox, self.deadline)
+    }
+
     /// The server's next message, waiting for it; `None` once the server
     /// has ended the call successfully, the call's status if it failed.
     pub fn recv(&mut self) -> Result<Option<Response>, Status> {
         loop {
-            if self.incoming.ended {
-                return Ok(None);
-            }
-            match self.incoming.step()? {
-                Some(Event::Message(m)) => return Ok(Some(m)),
-                Some(Event::End(result)) => return result.map(|()| None),
+            match self.try_recv()? {
+                Some(m) => return Ok(m),
                 None => {
                     let inner = self.inner().clone();
                     inner.wait_mailbox(

@@ -129,7 +129,7 @@ pub(crate) struct Inner {
     give_back: Mutex<GiveBack>,
     pool: Arc<shmesh_shm::pool::Pool>,
     /// The largest slab of our pool: larger requests go in chunks.
-    max_slab: usize,
+    pub(crate) max_slab: usize,
     peer_pool: shmesh_shm::pool::PoolView,
     server_bell: shmesh_shm::doorbell::Doorbell,
     pub(crate) client_bell: shmesh_shm::doorbell::EventDoorbell,
@@ -208,6 +208,32 @@ impl std::ops::DerefMut for RequestBuf {
             RequestBody::Empty => &mut [],
             RequestBody::Slab(s) => &mut s[..len],
             RequestBody::Heap(v) => v,
+        }
+    }
+}
+
+impl RequestBuf {
+    /// A buffer of `len` bytes in `slab` (none when empty).
+    pub(crate) fn from_slab(slab: Option<shmesh_shm::pool::OwnedSlab>, len: usize) -> Self {
+        RequestBuf {
+            body: slab.map_or(RequestBody::Empty, RequestBody::Slab),
+            len,
+        }
+    }
+
+    /// The bytes, if the buffer is on the heap (larger than a slab).
+    pub(crate) fn heap(&self) -> Option<&[u8]> {
+        match &self.body {
+            RequestBody::Heap(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The slab, if the buffer is one.
+    pub(crate) fn into_slab(self) -> Option<shmesh_shm::pool::OwnedSlab> {
+        match self.body {
+            RequestBody::Slab(slab) => Some(slab),
+            _ => None,
         }
     }
 }
@@ -836,6 +862,22 @@ impl Inner {
         Ok(None)
     }
 
+    /// A slab for `len` bytes if one is free (after taking back those the
+    /// server returned).
+    pub(crate) fn try_alloc(
+        &self,
+        len: usize,
+    ) -> Result<Option<shmesh_shm::pool::OwnedSlab>, Status> {
+        match self.pool.alloc_owned(len) {
+            Ok(slab) => Ok(Some(slab)),
+            Err(AllocError::Exhausted { .. }) => {
+                self.drain_returned()?;
+                Ok(self.pool.alloc_owned(len).ok())
+            }
+            Err(e @ AllocError::TooLarge { .. }) => Err(Status::resource_exhausted(e.to_string())),
+        }
+    }
+
     pub(crate) fn alloc(
         &self,
         len: usize,
@@ -1079,6 +1121,13 @@ pub(crate) struct CallGuard {
     inner: Arc<Inner>,
     pub(crate) call_id: u64,
     ended: bool,
+}
+
+impl CallGuard {
+    /// The call is someone else's to end now.
+    pub(crate) fn disarm(mut self) {
+        self.ended = true;
+    }
 }
 
 impl Drop for CallGuard {
