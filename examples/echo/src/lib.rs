@@ -14,3 +14,9 @@ pub const STATS: u32 = 2;
 /// Sleeps for the number of milliseconds in the request (8 LE bytes), then
 /// answers with nothing.
 pub const SLEEP: u32 = 3;
+/// Bidirectional streaming: answers each message with its bytes, in order.
+pub const ECHO_STREAM: u32 = 4;
+/// Client streaming, a deliberately slow reader: waits 100 ms, then reads
+/// every message and answers with their total length (8 LE bytes). Flow
+/// control holds a fast sender back meanwhile.
+pub const SLOW_SUM: u32 = 5;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use shmesh::client::{Channel, ChannelOptions};
 use shmesh::status::Code;
-use shmesh_example_echo::{ECHO, SCHEMA, SERVICE, SLEEP, STATS};
+use shmesh_example_echo::{ECHO, ECHO_STREAM, SCHEMA, SERVICE, SLEEP, SLOW_SUM, STATS};
 
 /// These tests each keep both cores busy; on a 2-core machine they run one
 /// at a time.
@@ -170,6 +170,7 @@ fn killing_the_server_fails_every_call_in_flight_with_unavailable() {
 #[test]
 fn a_hostile_client_is_cut_off_and_the_others_are_served() {
     use shmesh::handshake::{FdRole, Hello, Limits, PROTOCOL_VERSION, ServiceName};
+    use shmesh::protocol::{MESSAGE, MORE, OPEN, RETURN, WINDOW};
     use shmesh_shm::descriptor::{Descriptor, Flags};
     use shmesh_shm::handle::SlabHandle;
 
@@ -178,7 +179,7 @@ fn a_hostile_client_is_cut_off_and_the_others_are_served() {
     let _server = spawn_server(&addr);
     let honest = connect(&addr);
 
-    let forged = [
+    let forged_handles = [
         // A handle far outside the pool.
         SlabHandle {
             segment: 1,
@@ -198,7 +199,54 @@ fn a_hostile_client_is_cut_off_and_the_others_are_served() {
             offset: 4096,
         },
     ];
-    for handle in forged {
+    let forged = |handle, flags| Descriptor {
+        call_id: 1,
+        method_id: ECHO,
+        flags: flags | Flags::PAYLOAD,
+        payload: handle,
+        len: 16,
+        ..Default::default()
+    };
+    let mut attacks: Vec<(&str, Vec<Descriptor>)> = Vec::new();
+    for handle in forged_handles {
+        // A unary request with a forged payload.
+        attacks.push((
+            "forged request handle",
+            vec![forged(handle, OPEN | MESSAGE | Flags::END)],
+        ));
+        // A slab to give back for a call that does not exist.
+        attacks.push((
+            "forged handle on an unknown call",
+            vec![forged(handle, MESSAGE | RETURN)],
+        ));
+    }
+    // One call opened twice.
+    let open = Descriptor {
+        call_id: 9,
+        method_id: ECHO,
+        flags: OPEN | MESSAGE | MORE,
+        ..Default::default()
+    };
+    attacks.push(("a call opened twice", vec![open, open]));
+    // A stream that ignores its flow-control window while its handler
+    // reads nothing.
+    let opened = Descriptor {
+        call_id: 5,
+        method_id: shmesh_example_echo::SLOW_SUM,
+        flags: OPEN,
+        ..Default::default()
+    };
+    let message = Descriptor {
+        call_id: 5,
+        method_id: shmesh_example_echo::SLOW_SUM,
+        flags: MESSAGE,
+        ..Default::default()
+    };
+    let mut overrun = vec![opened];
+    overrun.extend(std::iter::repeat_n(message, WINDOW as usize + 3));
+    attacks.push(("a flow-control overrun", overrun));
+
+    for (what, descriptors) in attacks {
         let mut conn = shmesh::connect(&addr.parse().unwrap()).unwrap();
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -214,23 +262,85 @@ fn a_hostile_client_is_cut_off_and_the_others_are_served() {
         let mut fds = fds.into_iter();
         let segment = shmesh_shm::segment::Segment::open(fds.next().unwrap()).unwrap();
         let mut ends = shmesh::layout::ClientEnds::open(&segment, fds.next().unwrap()).unwrap();
-        let bad = Descriptor {
-            call_id: 1,
-            method_id: ECHO,
-            flags: Flags::PAYLOAD,
-            payload: handle,
-            len: 16,
-            ..Default::default()
-        };
-        ends.requests.try_push(bad).unwrap();
+        for d in descriptors {
+            ends.requests.try_push(d).unwrap();
+        }
         ends.server_bell.notify();
-        // The server hangs up on us: the socket reaches end of file.
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
+        // The server hangs up on us: the socket reaches end of file (a
+        // timeout here would mean it kept the connection).
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
+        let ended = conn.recv_msg(0);
         assert!(
-            conn.recv_msg(0).is_err(),
-            "server kept a hostile connection"
+            matches!(ended, Err(shmesh::RecvError::Closed)),
+            "{what}: server kept a hostile connection ({ended:?})"
         );
         assert_eq!(&honest.call(ECHO, b"fine", None).unwrap()[..], b"fine");
+    }
+}
+
+#[test]
+fn streams_between_processes_check_out_and_fail_fast_when_the_server_dies() {
+    let _serial = serial();
+    let addr = address("streams");
+    let server = spawn_server(&addr);
+    let channel = connect(&addr);
+    // Eight bidirectional streams at once, every echo checked.
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            let channel = channel.clone();
+            std::thread::spawn(move || {
+                let mut call = channel.open(ECHO_STREAM, None).unwrap();
+                for i in 0..5_000u32 {
+                    let mut m = [t.to_le_bytes(), i.to_le_bytes()].concat();
+                    m.resize(8 + (i as usize * 31) % 2000, t as u8);
+                    call.send(&m).unwrap();
+                    assert_eq!(&call.recv().unwrap().unwrap()[..], &m[..]);
+                }
+                call.close_send().unwrap();
+                assert!(call.recv().unwrap().is_none());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // A fast sender against a slow reader: flow control, nothing lost.
+    let mut call = channel.open(SLOW_SUM, None).unwrap();
+    for i in 0..3_000usize {
+        call.send(&vec![7; i % 700]).unwrap();
+    }
+    let total = call.finish().unwrap();
+    let expected: u64 = (0..3_000u64).map(|i| i % 700).sum();
+    assert_eq!(u64::from_le_bytes(total[..8].try_into().unwrap()), expected);
+    drop(total);
+    assert_eq!(channel.calls_in_flight(), 0);
+
+    // Streams in flight when the server is killed all end Unavailable.
+    let (done, results) = mpsc::channel();
+    for _ in 0..4 {
+        let (channel, done) = (channel.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut call = channel.open(ECHO_STREAM, None).unwrap();
+            let r = loop {
+                if let Err(e) = call.send(b"ping") {
+                    break e.code();
+                }
+                match call.recv() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break Code::Ok,
+                    Err(e) => break e.code(),
+                }
+            };
+            let _ = done.send(r);
+        });
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    kill9(&server.0);
+    for _ in 0..4 {
+        let r = results
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a stream hung after the server died");
+        assert_eq!(r, Code::Unavailable);
     }
 }

@@ -318,6 +318,8 @@ impl Dispatcher {
     }
 
     fn open(&mut self, d: Descriptor) -> Result<(), Gone> {
+        // Every payload is checked once, here, before anything reads it.
+        read(&self.link, &d)?;
         if self.assembling.contains_key(&d.call_id) || self.link.mailbox(d.call_id).is_some() {
             self.link
                 .break_off(format!("call id {} opened twice", d.call_id));

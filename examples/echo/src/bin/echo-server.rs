@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use shmesh::server::{Router, Server};
 use shmesh::status::Status;
-use shmesh_example_echo::{ECHO, SCHEMA, SERVICE, SLEEP, STATS};
+use shmesh_example_echo::{ECHO, ECHO_STREAM, SCHEMA, SERVICE, SLEEP, SLOW_SUM, STATS};
 
 #[derive(Debug, Parser)]
 #[command(about = "Serve the echo service over shared memory")]
@@ -37,6 +37,20 @@ fn main() -> Result<()> {
                 .map_err(|_| Status::invalid_argument("SLEEP takes 8 little-endian bytes"))?;
             std::thread::sleep(Duration::from_millis(u64::from_le_bytes(ms)));
             Ok(Vec::new())
+        })
+        .route_stream(ECHO_STREAM, |call| {
+            while let Some(message) = call.recv()? {
+                call.send(&message)?;
+            }
+            Ok(())
+        })
+        .route_stream(SLOW_SUM, |call| {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut total = 0u64;
+            while let Some(message) = call.recv()? {
+                total += message.len() as u64;
+            }
+            call.send(&total.to_le_bytes())
         });
     let server = Server::bind(&args.address, SERVICE, SCHEMA, router)
         .with_context(|| format!("cannot serve at {}", args.address))?;
