@@ -97,7 +97,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_size,
           default_values = ["64", "4KiB", "64KiB", "1MiB"])]
     pub sizes: Vec<usize>,
-    /// Calls in flight per row, comma separated.
+    /// Calls in flight per row, comma separated (the raw floors, one-at-a-time
+    /// ping-pongs, run only the rows with 1).
     #[arg(long, value_delimiter = ',', default_values = ["1", "32"],
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub inflight: Vec<u32>,
@@ -399,6 +400,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             continue;
         }
         bar.set_message(format!("{}: starting", peer.name()));
+        tracing::debug!(peer = peer.name(), "starting the server process");
         let mut session = match Session::start(peer, &exe, max_size) {
             Ok(session) => session,
             Err(e) => {
@@ -490,7 +492,7 @@ fn print_table(rows: &[Row], window: Window) {
         window.duration, window.warmup
     );
     println!(
-        "{:<22} {:>8} {:>4} {:>9} {:>9} {:>9} {:>11} {:>21} {:>8} {:>8}",
+        "{:<22} {:>8} {:>4} {:>9} {:>9} {:>9} {:>11} {:>26} {:>9} {:>9}",
         "peer",
         "payload",
         "infl",
@@ -525,7 +527,7 @@ fn print_table(rows: &[Row], window: Window) {
                     s.server_cpu_us_per_call
                 );
                 println!(
-                    "{head} {:>9.2} {:>9.2} {:>9.2} {:>11.0} {:>21} {:>8} {:>8}",
+                    "{head} {:>9.2} {:>9.2} {:>9.2} {:>11.0} {:>26} {:>9} {:>9}",
                     s.p50_us,
                     s.p99_us,
                     s.p999_us,
@@ -542,8 +544,9 @@ fn print_table(rows: &[Row], window: Window) {
         "\nEvery client checks the whole echo. shmesh: request written in place into a \
          loaned slab, echoed in place by the server. tonic: the same echo from \
          proto/echo.proto, one HTTP/2 connection. raw-floor / raw-futex: two processes \
-         ping-ponging on a shared word (spinning / futex), copying the payload in and out \
-         on both sides, no RPC layer; one call at a time.\n\
+         ping-ponging on a shared word (spinning / parking on a shmesh-shm doorbell in Block \
+         mode, which looks a few dozen times before it parks), copying the payload in \
+         and out on both sides, no RPC layer; one call at a time.\n\
          cpu: CPU time (user+system) per call of the client process and of the server \
          process during the window. p50/poll, rate/poll: this row's p50 and calls/s over \
          shmesh-poll's at the same size and calls in flight."

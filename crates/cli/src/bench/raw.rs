@@ -275,6 +275,10 @@ struct FloorClient {
     to_client: Doorbell,
     waiting: Waiting,
     next: u64,
+    /// The length last stored in the shared length word (stored again
+    /// only when it changes: at size 0 a round trip is then the bare
+    /// cache-line bounce).
+    sent_len: Option<u64>,
     private: Vec<u8>,
 }
 
@@ -314,6 +318,7 @@ impl Session {
             to_client: segment.doorbell(tags::TO_CLIENT)?,
             waiting,
             next: 1,
+            sent_len: None,
             private: vec![0; capacity],
         };
         Ok(Session { client, server })
@@ -364,7 +369,10 @@ impl FloorClient {
     fn round_trip(&mut self, message: &[u8]) -> Result<(), RawError> {
         let n = message.len();
         self.request[..n].copy_from_slice(message);
-        self.len.store(n as u64);
+        if self.sent_len != Some(n as u64) {
+            self.len.store(n as u64);
+            self.sent_len = Some(n as u64);
+        }
         self.seq.store(self.next);
         if self.waiting == Waiting::Futex {
             self.to_server.notify();
