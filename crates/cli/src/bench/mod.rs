@@ -307,6 +307,7 @@ impl Session {
         let shmesh = |mode, asynchronous| -> Result<Session> {
             Ok(Session::Shmesh(shmesh_peer::Session::start(
                 exe,
+                peer.name(),
                 mode,
                 asynchronous,
             )?))

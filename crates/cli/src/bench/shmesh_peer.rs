@@ -120,13 +120,16 @@ pub struct Session {
 
 impl Session {
     /// Starts a server process (`exe __bench-peer shmesh ADDRESS`) and
-    /// connects to it in `mode`, with the async client if `asynchronous`.
-    pub fn start(exe: &Path, mode: WaitMode, asynchronous: bool) -> Result<Self, ShmeshPeerError> {
-        let address = format!(
-            "shm://@shmesh-bench-{}-{}",
-            std::process::id(),
-            mode_name(mode)
-        );
+    /// connects to it in `mode`, with the async client if `asynchronous`;
+    /// `label` (unique per session of this process) names the address.
+    pub fn start(
+        exe: &Path,
+        label: &str,
+        mode: WaitMode,
+        asynchronous: bool,
+    ) -> Result<Self, ShmeshPeerError> {
+        let address = format!("shm://@shmesh-bench-{}-{label}", std::process::id());
+        tracing::debug!(%address, mode = mode_name(mode), asynchronous, "starting a shmesh peer");
         let args = ["__bench-peer", "shmesh", &address].map(String::from);
         let (server, _) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
         let mut options = ChannelOptions::new(SERVICE, SCHEMA);
