@@ -3,6 +3,13 @@
 //! `shmesh demo` starts an echo peer in a second process, connected through
 //! one shared-memory segment, and measures round trips in each wait mode
 //! beside the raw cache-line floor. It needs no daemon and no configuration.
+//!
+//! `shmesh bench` measures shmesh side by side with tonic gRPC (TCP and Unix
+//! socket) and the raw shared-memory floors: latency percentiles, calls per
+//! second with 1 and 32 calls in flight, and CPU time per call (see
+//! [`bench`]).
+
+mod bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +48,12 @@ enum Command {
         /// Where to listen.
         address: String,
     },
+    /// Compare shmesh with tonic gRPC and the raw shared-memory floors:
+    /// latency, throughput and CPU per call, each server in its own process.
+    Bench(bench::BenchArgs),
+    /// A server process `bench` starts (internal).
+    #[command(name = "__bench-peer", hide = true)]
+    BenchPeer(bench::PeerArgs),
 }
 
 /// What `demo` measures.
@@ -93,6 +106,14 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("shmesh echo server: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::BenchPeer(args) => bench::run_peer(&args),
+        Command::Bench(args) => match bench::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shmesh bench: {e:#}");
                 ExitCode::FAILURE
             }
         },
