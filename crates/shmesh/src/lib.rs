@@ -1,47 +1,57 @@
 //! shmesh: RPC between co-located processes over shared memory.
 //!
-//! This crate will be the library services and clients depend on. So far it
-//! holds the **slow path**: setting a connection up over a Unix socket,
-//! once per connection.
+//! A server listens on a Unix socket ([`server::Server::bind`]); a client
+//! connects ([`client::Channel::connect`], or
+//! [`asynchronous::AsyncChannel::connect`] on tokio). The socket carries only
+//! the **slow path**: the handshake ([`handshake`]: versions, service name,
+//! schema hash, negotiated limits), the connection's shared-memory segment
+//! and doorbell passed as fds, the peer's credentials, and liveness (a peer
+//! that dies closes its socket and every call in flight fails with
+//! `Unavailable`). Calls take the **fast path**: descriptors on rings in the
+//! connection's own segment, payloads written and read in place in its
+//! pools, no system call while the peer is awake ([`protocol`] has the
+//! rules).
 //!
-//! - [`addr`]: `shm:///path` and `shm://@name` addresses;
-//! - [`handshake`]: the handshake messages, their versioned binary codec and
-//!   the server's decision ([`negotiate`]), all sans IO;
-//! - [`socket`]: listening and connecting, framed messages with file
-//!   descriptors (`SCM_RIGHTS`), peer credentials (`SO_PEERCRED`), and the
-//!   handshake over a real socket ([`client_handshake`],
-//!   [`server_handshake`]).
-//!
-//! The socket carries setup, fd passing, credentials and, later, liveness (a
-//! peer that dies closes its socket). Data never goes through it: once the
-//! handshake has passed the shared-memory segment and the doorbells, calls
-//! travel through rings in shared memory (`shmesh-shm`) with no system call
-//! while the peer is awake. That **fast path**, the channel and server built
-//! on the rings, comes next.
+//! - unary calls ([`client::Channel::call`], zero-copy with
+//!   [`client::Channel::loan`] and [`client::Channel::send`]), server-,
+//!   client- and bidirectional streams ([`client::Call`],
+//!   [`asynchronous::AsyncCall`]) under flow control;
+//! - messages up to 64 MiB by default (chunked above the largest slab);
+//! - gRPC's [`status::Status`] codes, deadlines that travel with the call,
+//!   cancellation that the handler observes;
+//! - handlers per method in a [`server::Router`]: quick ones on the
+//!   connection's thread, blocking ones on a worker pool, async ones on
+//!   tokio; per-method and per-connection counters ([`stats`]).
 //!
 //! # Example
 //!
 //! ```
-//! use shmesh::{Address, Hello, Limits, PROTOCOL_VERSION, SchemaHash, ServerPolicy, ServiceName};
+//! use shmesh::SchemaHash;
+//! use shmesh::client::{Channel, ChannelOptions};
+//! use shmesh::server::{BackgroundServer, Router, Server};
 //!
-//! let address: Address = format!("shm://@shmesh-lib-doc-{}", std::process::id()).parse().unwrap();
-//! let listener = shmesh::Listener::bind(&address).unwrap();
-//! let policy = ServerPolicy::new(ServiceName::new("echo").unwrap(), SchemaHash([9; 32]));
-//! let server = std::thread::spawn(move || {
-//!     let mut conn = listener.accept().unwrap();
-//!     shmesh::server_handshake(&mut conn, &policy, 1, |_| Ok::<_, std::io::Error>(Vec::new()))
-//! });
+//! let address = format!("shm://@shmesh-lib-doc-{}", std::process::id());
+//! let schema = SchemaHash([1; 32]);
+//! let router = Router::new()
+//!     .route(1, |request| Ok(request.payload.to_ascii_uppercase()))
+//!     .route_stream(2, |call| {
+//!         while let Some(word) = call.recv()? {
+//!             call.send(&word.repeat(2))?;
+//!         }
+//!         Ok(())
+//!     });
+//! let server = BackgroundServer::spawn(Server::bind(&address, "demo", schema, router)?)?;
 //!
-//! let mut conn = shmesh::connect(&address).unwrap();
-//! let hello = Hello {
-//!     protocol_version: PROTOCOL_VERSION,
-//!     service: ServiceName::new("echo").unwrap(),
-//!     schema_hash: SchemaHash([8; 32]),
-//!     requested: Limits::default(),
-//! };
-//! let err = shmesh::client_handshake(&mut conn, &hello).unwrap_err();
-//! assert!(err.to_string().contains(&"08".repeat(32)));
-//! assert!(server.join().unwrap().is_err());
+//! let channel = Channel::connect(&address, &ChannelOptions::new("demo", schema))?;
+//! assert_eq!(&channel.call(1, b"hello", None)?[..], b"HELLO");
+//!
+//! let mut call = channel.open(2, None)?;
+//! call.send(b"ab")?;
+//! assert_eq!(&call.recv()?.unwrap()[..], b"abab");
+//! call.close_send()?;
+//! assert!(call.recv()?.is_none());
+//! # drop(server);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 #![forbid(unsafe_code)]
@@ -50,6 +60,12 @@ pub mod addr;
 #[cfg(feature = "tokio")]
 pub mod asynchronous;
 pub mod client;
+
+/// The blocking front-end, under the name the async one pairs with
+/// ([`asynchronous`]).
+pub mod blocking {
+    pub use crate::client::{Call, Channel, ChannelError, ChannelOptions, RequestBuf, Response};
+}
 pub mod deadline;
 pub mod handshake;
 pub mod layout;
