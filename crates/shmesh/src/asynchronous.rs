@@ -325,7 +325,12 @@ impl AsyncChannel {
                     drop(announced);
                 }
                 None => {
-                    let _ = tokio::time::timeout_at(until, follow(park)).await;
+                    // Registered first, then looked again: a leader that
+                    // left before the registration left the ring free.
+                    let park_unless_free = |cx: &mut std::task::Context<'_>| {
+                        park(cx) && inner.ends_recv.try_lock().is_err()
+                    };
+                    let _ = tokio::time::timeout_at(until, follow(&park_unless_free)).await;
                 }
             }
         }

@@ -19,7 +19,7 @@ use crate::protocol::WINDOW;
 pub(crate) enum Waiter {
     /// A blocking caller or handler.
     Thread(Thread),
-    /// An async one (`None` until its future is first polled).
+    /// An async one (`None` until it parks: nobody to wake yet).
     Task(Option<Waker>),
 }
 
@@ -31,6 +31,11 @@ impl Waiter {
             (Waiter::Task(Some(a)), Waiter::Task(Some(b))) => a.will_wake(b),
             _ => false,
         }
+    }
+
+    /// Whether someone is parked here to be woken.
+    pub(crate) fn is_parked(&self) -> bool {
+        !matches!(self, Waiter::Task(None))
     }
 
     pub(crate) fn wake(&self) {

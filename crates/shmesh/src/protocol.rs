@@ -55,6 +55,7 @@
 //! back any slab flagged [`RETURN`].
 
 use shmesh_shm::descriptor::{Descriptor, Flags};
+use shmesh_shm::handle::SlabHandle;
 use thiserror::Error;
 
 /// Opens a call (client to server): the method and deadline words are
@@ -70,6 +71,11 @@ pub const CREDIT: Flags = Flags(1 << 19);
 /// empty message without one. Distinguishes "one empty message" from "no
 /// message" on opening and ending descriptors.
 pub const MESSAGE: Flags = Flags(1 << 20);
+
+/// On a unary request (client to server): the aux word carries a response
+/// slab the client gives back ([`pack_handle`]), saving the return ring's
+/// cache line on a busy channel.
+pub const GIVES_BACK: Flags = Flags(1 << 21);
 
 /// Payload descriptors a sender may have unacknowledged per call and
 /// direction.
@@ -106,6 +112,27 @@ pub fn costs_credit(flags: Flags) -> bool {
 /// The credits a [`CREDIT`] descriptor grants (saturated to `u32`).
 pub fn granted(d: &Descriptor) -> u32 {
     u32::try_from(d.aux).unwrap_or(u32::MAX)
+}
+
+/// A slab handle of the peer's pool packed into one word, for
+/// [`GIVES_BACK`]: generation (30 bits) and offset in 64-byte lines (34
+/// bits); the segment is the connection's. `None` if it does not fit (the
+/// slab then goes back on the return ring). Never 0: no slab sits at
+/// offset 0, where the segment header is.
+pub fn pack_handle(h: SlabHandle) -> Option<u64> {
+    let lines = h.offset / 64;
+    (h.offset % 64 == 0 && lines != 0 && lines < 1 << 34 && h.generation < 1 << 30)
+        .then(|| u64::from(h.generation) << 34 | lines)
+}
+
+/// The handle [`pack_handle`] packed, in `segment`. Any word unpacks to
+/// some handle; the pool checks it like any other handed back.
+pub fn unpack_handle(segment: u32, word: u64) -> SlabHandle {
+    SlabHandle {
+        segment,
+        generation: (word >> 34) as u32,
+        offset: (word & ((1 << 34) - 1)) * 64,
+    }
 }
 
 /// Counts consumed payload descriptors and says when to grant credit.
@@ -193,6 +220,34 @@ mod tests {
     }
 
     #[test]
+    fn handles_pack_into_one_word() {
+        for (generation, offset) in [
+            (1, 64),
+            ((1 << 30) - 1, ((1 << 34) - 1) * 64),
+            (7, 4096 * 33),
+        ] {
+            let h = SlabHandle {
+                segment: 5,
+                generation,
+                offset,
+            };
+            let word = pack_handle(h).unwrap();
+            assert_ne!(word, 0);
+            assert_eq!(unpack_handle(5, word), h);
+        }
+        for (generation, offset) in [(1, 0), (1, 65), (1 << 30, 64), (1, 1 << 40)] {
+            assert_eq!(
+                pack_handle(SlabHandle {
+                    segment: 5,
+                    generation,
+                    offset
+                }),
+                None
+            );
+        }
+    }
+
+    #[test]
     fn credit_is_granted_every_half_window() {
         let mut c = CreditCounter::default();
         let grants: Vec<_> = (0..WINDOW * 2).filter_map(|_| c.consumed()).collect();
@@ -210,7 +265,7 @@ mod tests {
 
     #[test]
     fn rpc_flags_are_in_the_upper_half() {
-        for f in [OPEN, RETURN, MORE, CREDIT, MESSAGE] {
+        for f in [OPEN, RETURN, MORE, CREDIT, MESSAGE, GIVES_BACK] {
             assert_eq!(f.0 & Flags::UPPER.0, f.0);
         }
     }

@@ -7,7 +7,9 @@
 //! snapshot reads them without stopping anyone (figures taken mid-call may be
 //! off by that call).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -72,6 +74,9 @@ pub struct ConnectionRecorder {
     /// This connection's view of the method table, so a call takes no lock
     /// once its method has been seen.
     methods: HashMap<u32, Arc<MethodCounters>>,
+    /// Whether dropping this recorder ends the connection's registration
+    /// (false for a [`ConnectionRecorder::fork`]).
+    owner: bool,
 }
 
 impl Stats {
@@ -89,7 +94,8 @@ impl Stats {
             stats: self.clone(),
             id,
             counters,
-            methods: HashMap::new(),
+            methods: HashMap::default(),
+            owner: true,
         }
     }
 
@@ -147,9 +153,25 @@ impl ConnectionRecorder {
     }
 }
 
+impl ConnectionRecorder {
+    /// A second recorder into the same connection's counters, for another
+    /// thread (dropping it leaves the connection registered).
+    pub fn fork(&self) -> ConnectionRecorder {
+        ConnectionRecorder {
+            stats: self.stats.clone(),
+            id: self.id,
+            counters: self.counters.clone(),
+            methods: HashMap::default(),
+            owner: false,
+        }
+    }
+}
+
 impl Drop for ConnectionRecorder {
     fn drop(&mut self) {
-        lock(&self.stats.connections).remove(&self.id);
+        if self.owner {
+            lock(&self.stats.connections).remove(&self.id);
+        }
     }
 }
 

@@ -288,7 +288,7 @@ impl Call {
     fn push(&self, d: Descriptor) -> Result<(), Status> {
         let inner = self.inner();
         inner.push_request(d, self.deadline)?;
-        inner.server_bell.notify();
+        inner.ring_server();
         Ok(())
     }
 

@@ -15,7 +15,7 @@
 
 mod call;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -127,9 +127,14 @@ pub(crate) struct Inner {
     pub(crate) ends_recv: Mutex<shmesh_shm::ring::Consumer<Descriptor>>,
     returned: Mutex<shmesh_shm::ring::Consumer<shmesh_shm::handle::SlabHandle>>,
     give_back: Mutex<GiveBack>,
+    /// A response slab waiting to ride back on the next unary request
+    /// ([`protocol::pack_handle`]; 0 when empty).
+    parked_give_back: AtomicU64,
     pool: Arc<shmesh_shm::pool::Pool>,
     /// The largest slab of our pool: larger requests go in chunks.
     pub(crate) max_slab: usize,
+    /// The segment number in the server's slab handles.
+    peer_segment: u32,
     peer_pool: shmesh_shm::pool::PoolView,
     server_bell: shmesh_shm::doorbell::Doorbell,
     pub(crate) client_bell: shmesh_shm::doorbell::EventDoorbell,
@@ -362,6 +367,8 @@ impl Channel {
                 ring: ends.give_back,
                 overflow: Vec::new(),
             }),
+            parked_give_back: AtomicU64::new(0),
+            peer_segment: ends.peer_pool.layout().segment,
             pool: Arc::new(ends.pool),
             max_slab,
             peer_pool: ends.peer_pool,
@@ -371,7 +378,7 @@ impl Channel {
             max_message: welcome.granted.max_message,
             granted: welcome.granted.clone(),
             next_call: AtomicU64::new(1),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::default()),
             dead: AtomicBool::new(false),
             death: Mutex::new(None),
             socket,
@@ -543,6 +550,18 @@ impl Inner {
         if self.is_dead() {
             return;
         }
+        // The next unary request carries one slab back for free; park this
+        // one for it, and send the one parked before (if any) by the ring.
+        let handle = match protocol::pack_handle(handle) {
+            Some(word) => {
+                // AcqRel: the slot is a hand-over between threads.
+                match self.parked_give_back.swap(word, Ordering::AcqRel) {
+                    0 => return,
+                    previous => protocol::unpack_handle(handle.segment, previous),
+                }
+            }
+            None => handle,
+        };
         let mut g = lock(&self.give_back);
         g.overflow.push(handle);
         while let Some(&h) = g.overflow.first() {
@@ -561,6 +580,23 @@ impl Inner {
     }
 
     /// Gives back the slab a server descriptor carries, unread.
+    /// Wakes the server after a push, if it may be asleep: a server granted
+    /// `Poll` never parks, so its bell needs no fence.
+    pub(crate) fn ring_server(&self) {
+        if self.policy.mode != shmesh_shm::doorbell::WaitMode::Poll {
+            self.server_bell.notify();
+        }
+    }
+
+    /// Takes the parked response slab for a request to carry back.
+    fn take_parked_give_back(&self) -> Option<u64> {
+        // AcqRel: see `give_back_slab`.
+        match self.parked_give_back.swap(0, Ordering::AcqRel) {
+            0 => None,
+            word => Some(word),
+        }
+    }
+
     pub(crate) fn discard(&self, d: &Descriptor) {
         if d.flags.contains(Flags::PAYLOAD) {
             self.give_back_slab(d.payload);
@@ -654,13 +690,9 @@ impl Inner {
             call.send_message(bytes, true, true)?;
             return call.recv_unary();
         }
-        let call = self.start(
-            method,
-            request,
-            timeout,
-            deadline,
-            Waiter::Thread(std::thread::current()),
-        )?;
+        // Nobody to wake yet: a caller that leads finds its own answer; one
+        // that follows says where it parks before it does.
+        let call = self.start(method, request, timeout, deadline, Waiter::Task(None))?;
         let answer = self.wait_for(call.call_id, deadline);
         self.end(call, answer, deadline)
     }
@@ -703,6 +735,11 @@ impl Inner {
             }
         }
         let request_slab = d.flags.contains(Flags::PAYLOAD).then_some(d.payload);
+        let carried = self.take_parked_give_back();
+        if let Some(word) = carried {
+            d.flags = d.flags | protocol::GIVES_BACK;
+            d.aux = word;
+        }
         lock(&self.pending).insert(
             call_id,
             Pending {
@@ -712,6 +749,10 @@ impl Inner {
         );
         if let Err(status) = self.push_request(d, deadline) {
             lock(&self.pending).remove(&call_id);
+            if let Some(word) = carried {
+                // Not sent: back by the ring (or parked again).
+                self.give_back_slab(protocol::unpack_handle(self.peer_segment, word));
+            }
             if d.flags.contains(Flags::PAYLOAD) {
                 // Never published: the slab is still ours; take it back as
                 // if the server had returned it.
@@ -719,7 +760,7 @@ impl Inner {
             }
             return Err(status);
         }
-        self.server_bell.notify();
+        self.ring_server();
         Ok(CallGuard {
             inner: self.clone(),
             call_id,
@@ -786,7 +827,7 @@ impl Inner {
     pub(crate) fn send_control(&self, d: Descriptor) {
         let give_up = Instant::now() + Duration::from_millis(100);
         if self.push_request(d, Some(give_up)).is_ok() {
-            self.server_bell.notify();
+            self.ring_server();
         }
     }
 
@@ -958,6 +999,15 @@ impl Inner {
                     Led::WaitedOut => true,
                 },
                 Err(_) => {
+                    if !self.park_here(call_id) {
+                        // The answer is in.
+                        continue;
+                    }
+                    // Registered first, then looked again: a leader that
+                    // left before the registration left the ring free.
+                    if self.ends_recv.try_lock().is_ok() {
+                        continue;
+                    }
                     std::thread::park_timeout(LIVENESS_SLICE);
                     true
                 }
@@ -965,6 +1015,19 @@ impl Inner {
             if waited_out && deadline.is_some_and(|t| Instant::now() >= t) {
                 return Err(Status::deadline_exceeded("no response before the deadline"));
             }
+        }
+    }
+
+    /// Registers this thread to be woken when unary call `call_id`'s answer
+    /// is in; `false` if it is in already (or the call is gone).
+    fn park_here(&self, call_id: u64) -> bool {
+        let mut pending = lock(&self.pending);
+        match pending.get_mut(&call_id) {
+            Some(p) if matches!(p.state, CallState::Waiting(_)) => {
+                p.state = CallState::Waiting(Waiter::Thread(std::thread::current()));
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1068,7 +1131,7 @@ impl Inner {
         let pending = lock(&self.pending);
         for p in pending.values() {
             match &p.state {
-                CallState::Waiting(w) => {
+                CallState::Waiting(w) if w.is_parked() => {
                     w.wake();
                     return;
                 }

@@ -8,7 +8,7 @@
 //! thread then only delivers the client's messages, credits and
 //! cancellations to it.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -125,6 +125,7 @@ pub(crate) fn serve_connection(
             .map_err(ConnectionError::Thread)?;
     }
 
+    let recorder = server.stats.connection(id, peer);
     let link = Arc::new(Link::new(LinkParts {
         responses: ends.responses,
         give_back: ends.give_back,
@@ -136,7 +137,7 @@ pub(crate) fn serve_connection(
         dead,
         max_message: granted.max_message,
         peer,
-        recorder: server.stats.connection(id, peer),
+        recorder: recorder.fork(),
     }));
     let mut dispatcher = Dispatcher {
         requests: ends.requests,
@@ -144,7 +145,8 @@ pub(crate) fn serve_connection(
         router: server.router.clone(),
         workers: server.workers.clone(),
         runtime: server.runtime.clone(),
-        assembling: HashMap::new(),
+        assembling: HashMap::default(),
+        recorder,
     };
     let result = dispatcher.run(wait_policy, server.shutdown);
     link.wake_all();
@@ -207,6 +209,9 @@ struct Dispatcher {
     workers: Arc<Workers>,
     runtime: Runtime,
     assembling: HashMap<u64, Assembly>,
+    /// Counters for the calls answered on this thread (others record
+    /// through the link's).
+    recorder: crate::stats::ConnectionRecorder,
 }
 
 impl Dispatcher {
@@ -320,6 +325,15 @@ impl Dispatcher {
     fn open(&mut self, d: Descriptor) -> Result<(), Gone> {
         // Every payload is checked once, here, before anything reads it.
         read(&self.link, &d)?;
+        if d.flags.contains(protocol::GIVES_BACK) {
+            let segment = self.link.pool.layout().segment;
+            let handle = protocol::unpack_handle(segment, d.aux);
+            if let Err(e) = self.link.pool.release_returned(handle) {
+                self.link
+                    .break_off(format!("call {} gave back a bad slab: {e}", d.call_id));
+                return Err(Gone);
+            }
+        }
         if self.assembling.contains_key(&d.call_id) || self.link.mailbox(d.call_id).is_some() {
             self.link
                 .break_off(format!("call id {} opened twice", d.call_id));
@@ -332,7 +346,8 @@ impl Dispatcher {
                 Status::unimplemented(format!("method {} is not served here", d.method_id));
             return self.fail_now(&d, &status);
         };
-        if deadline::remaining(d.deadline_ns).is_some_and(|r| r.is_zero()) {
+        let remaining = deadline::remaining(d.deadline_ns);
+        if remaining.is_some_and(|r| r.is_zero()) {
             self.link.discard(&d)?;
             let status =
                 Status::deadline_exceeded("deadline passed before the server started the call");
@@ -361,7 +376,7 @@ impl Dispatcher {
             self.assembling.insert(d.call_id, assembly);
             return Ok(());
         }
-        self.unary(route, d, Payload::Shared(d))
+        self.unary(route, d, Payload::Shared(d), remaining)
     }
 
     /// Ends a call that never started with `status`.
@@ -420,11 +435,18 @@ impl Dispatcher {
             route,
             assembly.first,
             Payload::Owned(assembly.message.finish()),
+            deadline::remaining(assembly.first.deadline_ns),
         )
     }
 
     /// Serves a whole unary request.
-    fn unary(&mut self, route: &Route, first: Descriptor, payload: Payload) -> Result<(), Gone> {
+    fn unary(
+        &mut self,
+        route: &Route,
+        first: Descriptor,
+        payload: Payload,
+        remaining: Option<Duration>,
+    ) -> Result<(), Gone> {
         let started = std::time::Instant::now();
         match route {
             Route::Copying(_) | Route::InPlace(_) => {
@@ -433,7 +455,7 @@ impl Dispatcher {
                     method: first.method_id,
                     payload: payload.bytes(&link),
                     peer: link.peer,
-                    remaining: deadline::remaining(first.deadline_ns),
+                    remaining,
                     call: None,
                 };
                 let answer = match route {
@@ -481,12 +503,12 @@ impl Dispatcher {
     /// Sends an inline handler's answer: in one descriptor if it fits a
     /// slab, otherwise from a worker that can wait for the client's credit.
     fn answer_inline(
-        &self,
+        &mut self,
         first: &Descriptor,
         answer: Answer<'_>,
         started: std::time::Instant,
     ) -> Result<(), Gone> {
-        let link = &self.link;
+        let link = self.link.clone();
         let (call_id, method) = (first.call_id, first.method_id);
         let mut response = Descriptor {
             call_id,
@@ -506,7 +528,8 @@ impl Dispatcher {
                 if bytes.len() > link.max_slab =>
             {
                 if let Err(status) = link.check_size(bytes.len()) {
-                    link.record(method, status.code(), started.elapsed());
+                    self.recorder
+                        .record(method, status.code(), started.elapsed());
                     return link.push(link.status_descriptor(call_id, method, &status));
                 }
                 return self.send_large(*first, bytes, started);
@@ -522,12 +545,15 @@ impl Dispatcher {
                 Code::Ok
             }
             Answer::Failed(status) => {
-                link.record(method, status.code(), started.elapsed());
+                self.recorder
+                    .record(method, status.code(), started.elapsed());
                 return link.push(link.status_descriptor(call_id, method, &status));
             }
         };
-        link.record(method, code, started.elapsed());
-        link.push(response)
+        // Counted after the answer is out: off the caller's critical path.
+        let pushed = link.push(response);
+        self.recorder.record(method, code, started.elapsed());
+        pushed
     }
 
     /// Sends an answer larger than a slab from a worker thread.

@@ -7,7 +7,7 @@
 //! full ring, an exhausted pool, no credit) gives up once the connection is
 //! dead, so no handler outlives its client by more than its own work.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -64,6 +64,8 @@ pub(crate) struct Link {
     /// The client is gone or broke the protocol.
     pub dead: Arc<AtomicBool>,
     broken: Mutex<Option<String>>,
+    /// Set once `broken` holds a reason: a load, not a lock, per pass.
+    is_broken: AtomicBool,
     /// The largest message either side may send.
     pub max_message: u64,
     /// The largest slab of our pool: larger messages go in chunks.
@@ -117,9 +119,10 @@ impl Link {
             server_bell: p.server_bell,
             dead: p.dead,
             broken: Mutex::new(None),
+            is_broken: AtomicBool::new(false),
             max_message: p.max_message,
             max_slab,
-            calls: Mutex::new(HashMap::new()),
+            calls: Mutex::new(HashMap::default()),
             peer: p.peer,
             recorder: Mutex::new(p.recorder),
         }
@@ -136,6 +139,8 @@ impl Link {
     /// connection's thread reports `why`.
     pub(crate) fn break_off(&self, why: String) {
         lock(&self.broken).get_or_insert(why);
+        // Relaxed: the reason itself is read under its lock.
+        self.is_broken.store(true, Ordering::Relaxed);
         // Release: handlers that see it also see why.
         self.dead.store(true, Ordering::Release);
         self.server_bell.notify();
@@ -144,6 +149,10 @@ impl Link {
 
     /// Why the connection was broken off, if it was.
     pub(crate) fn broken(&self) -> Option<String> {
+        // Relaxed: see `break_off`.
+        if !self.is_broken.load(Ordering::Relaxed) {
+            return None;
+        }
         lock(&self.broken).clone()
     }
 

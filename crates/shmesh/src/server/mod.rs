@@ -28,7 +28,7 @@ mod stream;
 #[cfg(feature = "tokio")]
 mod task;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
