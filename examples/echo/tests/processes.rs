@@ -98,15 +98,21 @@ fn a_million_calls_from_eight_threads() {
 }
 
 #[test]
-fn server_survives_a_hundred_clients_killed_mid_traffic() {
+fn server_survives_a_hundred_clients_killed_mid_call_or_stream() {
     let _serial = serial();
     let addr = address("kill-clients");
     let _server = spawn_server(&addr);
     let observer = connect(&addr);
     for round in 0..100 {
+        // Half the clients die in the middle of a stream, half between
+        // unary calls.
+        let mut args = vec![addr.as_str(), "--calls", "0", "--size", "300"];
+        if round % 2 == 1 {
+            args.push("--stream");
+        }
         let client = Reaped(
             Command::new(Path::new(env!("CARGO_BIN_EXE_echo-client")))
-                .args([addr.as_str(), "--calls", "0", "--size", "300"])
+                .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

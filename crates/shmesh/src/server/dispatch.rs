@@ -316,9 +316,7 @@ impl Dispatcher {
         if d.flags.contains(Flags::END) {
             state.peer_ended = true;
         }
-        for w in state.waiters.drain(..) {
-            w.wake();
-        }
+        mailbox.wake_all(&mut state);
         Ok(())
     }
 
