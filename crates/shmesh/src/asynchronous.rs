@@ -280,6 +280,13 @@ impl AsyncChannel {
         park: &(dyn Fn(&mut std::task::Context<'_>) -> bool + Sync),
     ) -> Result<(), Status> {
         let inner: &Arc<Inner> = &self.channel.inner;
+        let policy = inner.policy;
+        // `None`: spin until the answer comes (Poll).
+        let spin_until = match policy.mode {
+            shmesh_shm::doorbell::WaitMode::Poll => None,
+            shmesh_shm::doorbell::WaitMode::Adaptive => Some(Instant::now() + policy.spin),
+            shmesh_shm::doorbell::WaitMode::Block => Some(Instant::now()),
+        };
         loop {
             if done(None) {
                 return Ok(());
@@ -300,18 +307,31 @@ impl AsyncChannel {
                         inner.promote_a_follower();
                         return Ok(());
                     }
-                    // Announce, then look once more, then await the fd
-                    // without holding the ring: the announcement makes the
-                    // server ring the eventfd for anything pushed from now on.
-                    inner.client_bell.announce();
-                    let announced = Announced(&inner.client_bell);
-                    if ring.has_pending_hint() || inner.is_dead() {
-                        continue;
+                    // Spin first, as the blocking side does, but
+                    // cooperatively: give the runtime back between looks, so
+                    // other tasks run and a busy channel makes no system
+                    // call.
+                    if spin_until.is_none_or(|t| now < t) {
+                        drop(ring);
+                        None
+                    } else {
+                        // Announce, then look once more, then await the fd
+                        // without holding the ring: the announcement makes the
+                        // server ring the eventfd for anything pushed from now on.
+                        inner.client_bell.announce();
+                        let announced = Announced(&inner.client_bell);
+                        if ring.has_pending_hint() || inner.is_dead() {
+                            continue;
+                        }
+                        drop(ring);
+                        Some(Some(announced))
                     }
-                    drop(ring);
-                    Some(announced)
                 }
-                Err(_) => None,
+                Err(_) => Some(None),
+            };
+            let Some(leading) = leading else {
+                tokio::task::yield_now().await;
+                continue;
             };
             let until = tokio::time::Instant::from_std(slice_end);
             match leading {

@@ -138,7 +138,7 @@ pub(crate) struct Inner {
     peer_pool: shmesh_shm::pool::PoolView,
     server_bell: shmesh_shm::doorbell::Doorbell,
     pub(crate) client_bell: shmesh_shm::doorbell::EventDoorbell,
-    policy: WaitPolicy,
+    pub(crate) policy: WaitPolicy,
     granted: Limits,
     max_message: u64,
     next_call: AtomicU64,
