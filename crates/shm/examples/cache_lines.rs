@@ -1,7 +1,10 @@
 //! Where a ring round trip's time goes: ping-pong between two threads over
 //! (a) one cache line both sides write (the floor), (b) one line per
 //! direction with no ring logic, (c) rings of 2-word handles and (d) rings
-//! of 7-word descriptors, one ring per direction.
+//! of 7-word descriptors, one ring per direction; then (e, f) a line per
+//! direction plus a 64-byte payload each way, next to the signal's line
+//! (in its 128-byte block, as a 128-byte ring slot would carry it) or
+//! elsewhere (as a slab in a pool does).
 //!
 //! ```text
 //! cargo run --release -p shmesh-shm --example cache_lines
@@ -85,6 +88,66 @@ fn two_lines() -> f64 {
     )
 }
 
+/// A 64-byte line (no padding to 128).
+#[repr(C, align(64))]
+struct Line64([AtomicU64; 8]);
+
+/// 128-byte blocks of two 64-byte lines, 128-byte aligned: the pair an
+/// adjacent-line prefetcher fetches together.
+#[repr(C, align(128))]
+struct Block([Line64; 2]);
+
+fn new_blocks(n: usize) -> Arc<Vec<Block>> {
+    Arc::new(
+        (0..n)
+            .map(|_| {
+                Block(std::array::from_fn(|_| {
+                    Line64(std::array::from_fn(|_| AtomicU64::new(0)))
+                }))
+            })
+            .collect(),
+    )
+}
+
+/// One line per direction carrying the signal, plus a 64-byte payload per
+/// direction written before it and read after it: in the other half of the
+/// signal's 128-byte block (`adjacent`, as a 128-byte ring slot would put
+/// it) or in a block 4 KiB away (a slab in a pool).
+fn with_payload(adjacent: bool) -> f64 {
+    let (request, response) = (new_blocks(64), new_blocks(64));
+    let (rq, rs) = (request.clone(), response.clone());
+    let at = if adjacent { (0, 0) } else { (32, 0) };
+    let write = |line: &Line64, v: u64| {
+        for w in &line.0 {
+            w.store(v, Ordering::Relaxed);
+        }
+    };
+    let read = |line: &Line64| {
+        line.0
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    time(
+        move || {
+            for i in 1..=ROUND_TRIPS {
+                write(&request[at.0].0[at.1], i);
+                request[0].0[1].0[7].store(i, Ordering::Release);
+                spin_until(&response[0].0[1].0[7], i);
+                assert_eq!(read(&response[at.0].0[at.1]), 8 * i);
+            }
+        },
+        move || {
+            for i in 1..=ROUND_TRIPS {
+                spin_until(&rq[0].0[1].0[7], i);
+                assert_eq!(read(&rq[at.0].0[at.1]), 8 * i);
+                write(&rs[at.0].0[at.1], i);
+                rs[0].0[1].0[7].store(i, Ordering::Release);
+            }
+        },
+    )
+}
+
 fn rings<E: Entry + Copy + Send + 'static>(entry: E) -> f64 {
     let (mut tx, mut rx) = ring::channel::<E>(256).unwrap();
     let (mut tx2, mut rx2) = ring::channel::<E>(256).unwrap();
@@ -115,7 +178,7 @@ fn main() {
     println!("{ROUND_TRIPS} round trips between two threads, best of 3 runs (ns per round trip)");
     let best = |f: &dyn Fn() -> f64| (0..3).map(|_| f()).fold(f64::MAX, f64::min);
     let floor = best(&one_line);
-    let rows: [(&str, f64); 4] = [
+    let rows: [(&str, f64); 6] = [
         ("one line, both directions (floor)", floor),
         ("one line per direction, no ring", best(&two_lines)),
         (
@@ -125,6 +188,14 @@ fn main() {
         (
             "rings of 7-word descriptors",
             best(&|| rings(Descriptor::default())),
+        ),
+        (
+            "line per direction + 64 B, same block",
+            best(&|| with_payload(true)),
+        ),
+        (
+            "line per direction + 64 B, elsewhere",
+            best(&|| with_payload(false)),
         ),
     ];
     for (name, ns) in rows {

@@ -27,6 +27,27 @@ pub fn remaining(deadline_ns: u64) -> Option<Duration> {
     (deadline_ns != 0).then(|| Duration::from_nanos(deadline_ns.saturating_sub(now_ns())))
 }
 
+/// Whether a wire deadline has passed (`false` for no deadline; reads the
+/// clock only when there is one).
+pub fn passed(deadline_ns: u64) -> bool {
+    deadline_ns != 0 && now_ns() >= deadline_ns
+}
+
+/// A successful `result` of a call that finished after its deadline
+/// becomes `DeadlineExceeded`, as the caller saw it: both sides report the
+/// same outcome.
+pub fn enforce<T>(
+    result: Result<T, crate::status::Status>,
+    deadline_ns: u64,
+) -> Result<T, crate::status::Status> {
+    match result {
+        Ok(_) if passed(deadline_ns) => Err(crate::status::Status::deadline_exceeded(
+            "the handler finished after the caller's deadline",
+        )),
+        other => other,
+    }
+}
+
 /// The local instant a wire deadline corresponds to.
 pub fn to_instant(deadline_ns: u64) -> Option<Instant> {
     remaining(deadline_ns).map(|left| Instant::now() + left)

@@ -3,9 +3,10 @@
 //! (who, calls, errors). The daemon exports them; tests and tools read a
 //! [`StatsSnapshot`].
 //!
-//! Recording is a few relaxed atomic increments on the serving thread; a
-//! snapshot reads them without stopping anyone (figures taken mid-call may be
-//! off by that call).
+//! Recording is a few relaxed atomic increments on the serving thread, made
+//! just after the call's answer is sent (off the caller's critical path); a
+//! snapshot reads them without stopping anyone, so a call whose answer just
+//! arrived may not be counted yet.
 
 use std::collections::BTreeMap;
 

@@ -312,5 +312,55 @@ fn blocking_handlers_do_not_hold_up_the_connection() {
     }
     assert_eq!(channel.calls_in_flight(), 0);
     assert_eq!(channel.pool_in_use(), 0);
-    assert_eq!(stats.snapshot().methods[&GATED].calls, 3);
+    // A call is counted just after its answer goes out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats.snapshot().methods.get(&GATED).map(|m| m.calls) != Some(3) {
+        assert!(std::time::Instant::now() < deadline, "calls not counted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn both_sides_report_a_deadline_the_handler_overran() {
+    let addr = address("late");
+    let router = Router::new()
+        .route(SLOW, |_| {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(b"late".to_vec())
+        })
+        .route_blocking(SLOW + 100, |_| {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(b"late".to_vec())
+        });
+    let server = Server::bind(&addr, "test", SCHEMA, router).unwrap();
+    let stats = server.stats();
+    let _server = BackgroundServer::spawn(server).unwrap();
+    let channel = connect(&addr);
+    for method in [SLOW, SLOW + 100] {
+        let err = channel
+            .call(method, b"", Some(Duration::from_millis(50)))
+            .unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "method {method}");
+    }
+    // The server counts them as it answered them: late, so exceeded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = stats.snapshot();
+        let late = |m: u32| {
+            snap.methods
+                .get(&m)
+                .and_then(|s| s.by_code.get(&Code::DeadlineExceeded))
+                .copied()
+        };
+        if late(SLOW) == Some(1) && late(SLOW + 100) == Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not report DeadlineExceeded: {:?}",
+            snap.methods
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(&channel.call(SLOW, b"", None).unwrap()[..], b"late");
 }

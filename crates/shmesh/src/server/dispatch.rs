@@ -475,6 +475,16 @@ impl Dispatcher {
                 if let Payload::Shared(d) = &payload {
                     link.discard(d)?;
                 }
+                let answer = match answer {
+                    Answer::Failed(status) => Answer::Failed(status),
+                    ok if deadline::passed(first.deadline_ns) => {
+                        drop(ok);
+                        Answer::Failed(Status::deadline_exceeded(
+                            "the handler finished after the caller's deadline",
+                        ))
+                    }
+                    ok => ok,
+                };
                 self.answer_inline(&first, answer, started)
             }
             Route::Offloaded(_) => self.offload(first, payload, started),
@@ -611,7 +621,7 @@ impl Dispatcher {
                 Ok(_) if mailbox.is_cancelled() => {
                     Err(Status::cancelled("the client cancelled the call"))
                 }
-                other => other,
+                other => deadline::enforce(other, first.deadline_ns),
             };
             if let Payload::Shared(d) = &payload {
                 let _ = link.discard(d);

@@ -188,6 +188,7 @@ impl CallEnd {
             mailbox: self.mailbox.clone(),
             call_id: self.call_id,
             method: self.method,
+            deadline_ns: self.deadline_ns,
             started: self.started,
         }
     }
@@ -199,6 +200,7 @@ pub(crate) struct CallDone {
     pub mailbox: Arc<Mailbox>,
     pub call_id: u64,
     pub method: u32,
+    pub deadline_ns: u64,
     pub started: std::time::Instant,
 }
 
@@ -221,7 +223,7 @@ impl CallDone {
         }
         let result = match result {
             Ok(()) if cancelled => Err(Status::cancelled("the client cancelled the call")),
-            other => other,
+            other => deadline::enforce(other, self.deadline_ns),
         };
         let code = result
             .as_ref()

@@ -271,6 +271,7 @@ pub(crate) fn spawn_unary(
         mailbox: mailbox.clone(),
         call_id: first.call_id,
         method: first.method_id,
+        deadline_ns: first.deadline_ns,
         started,
     };
     let Some(runtime) = runtime else {
