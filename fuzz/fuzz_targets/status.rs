@@ -30,8 +30,8 @@ fuzz_target!(|input: (u32, u64, &[u8])| {
             .expect("a decoded status re-encodes");
         // Under the status's own code: an unknown code decodes as Unknown,
         // with the code named in the message.
-        let again = Status::decode(status.code() as u32, &buf[..n])
-            .expect("a re-encoded status decodes");
+        let again =
+            Status::decode(status.code() as u32, &buf[..n]).expect("a re-encoded status decodes");
         assert_eq!(again, status);
     }
     let handle = unpack_handle(7, word);
