@@ -159,6 +159,42 @@ pub fn chunks(len: usize, max_slab: usize) -> impl Iterator<Item = std::ops::Ran
     (0..count).map(move |i| i * step..((i + 1) * step).min(len))
 }
 
+/// The descriptors a `len`-byte message goes out as: each chunk's range
+/// and flags. Every chunk has [`MESSAGE`] and `every`; all but the last
+/// [`MORE`]; the first also `first`, the last also `last`.
+///
+/// ```
+/// use shmesh::protocol::{plan, MESSAGE, MORE, OPEN};
+/// use shmesh_shm::descriptor::Flags;
+///
+/// let parts: Vec<_> = plan(10, 4, Flags(0), OPEN, Flags::END).collect();
+/// assert_eq!(parts.len(), 3);
+/// assert_eq!(parts[0], (0..4, MESSAGE | MORE | OPEN));
+/// assert_eq!(parts[2], (8..10, MESSAGE | Flags::END));
+/// ```
+pub fn plan(
+    len: usize,
+    max_slab: usize,
+    every: Flags,
+    first: Flags,
+    last: Flags,
+) -> impl Iterator<Item = (std::ops::Range<usize>, Flags)> {
+    let count = len.div_ceil(max_slab.max(1)).max(1);
+    chunks(len, max_slab).enumerate().map(move |(i, range)| {
+        let mut flags = MESSAGE | every;
+        if i + 1 != count {
+            flags = flags | MORE;
+        }
+        if i == 0 {
+            flags = flags | first;
+        }
+        if i + 1 == count {
+            flags = flags | last;
+        }
+        (range, flags)
+    })
+}
+
 /// A message assembled from chunks would exceed the limit.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("message exceeds the connection's limit of {limit} bytes")]

@@ -368,14 +368,7 @@ impl Call {
     ) -> Result<(), Status> {
         let inner = self.inner().clone();
         for (range, flags) in self.plan(bytes.len(), open, end)? {
-            while !self.try_take_credit(flags)? {
-                inner.wait_mailbox(
-                    self.incoming.call_id,
-                    &self.incoming.mailbox,
-                    self.deadline,
-                    &|s| s.credit > 0 || s.peer_ended,
-                )?;
-            }
+            self.take_credit(flags)?;
             let chunk = &bytes[range];
             let slab = match chunk.len() {
                 0 => None,
@@ -396,25 +389,9 @@ impl Call {
         self.check_open_for_sending()?;
         let inner = self.inner();
         inner.check_size(len)?;
-        let parts: Vec<_> = protocol::chunks(len, inner.max_slab).collect();
-        let last = parts.len() - 1;
-        Ok(parts
-            .into_iter()
-            .enumerate()
-            .map(|(i, range)| {
-                let mut flags = MESSAGE | RETURN;
-                if i != last {
-                    flags = flags | MORE;
-                }
-                if i == 0 && open {
-                    flags = flags | OPEN;
-                }
-                if i == last && end {
-                    flags = flags | Flags::END;
-                }
-                (range, flags)
-            })
-            .collect())
+        let first = if open { OPEN } else { Flags(0) };
+        let last = if end { Flags::END } else { Flags(0) };
+        Ok(protocol::plan(len, inner.max_slab, RETURN, first, last).collect())
     }
 
     /// Takes the credit a descriptor with `flags` costs, if the server has

@@ -578,17 +578,7 @@ impl Dispatcher {
         let job: Job = Box::new(move || {
             let (call_id, method) = (first.call_id, first.method_id);
             let result = link.send_blocking(&mailbox, call_id, method, &bytes, true);
-            let code = match result {
-                Ok(()) => Code::Ok,
-                Err(status) => {
-                    if !link.is_dead() {
-                        let _ = link.push(link.status_descriptor(call_id, method, &status));
-                    }
-                    status.code()
-                }
-            };
-            link.record(method, code, started.elapsed());
-            link.unregister(call_id);
+            link.end_unary(call_id, method, result, started);
         });
         self.run_job(job)
     }
@@ -628,17 +618,7 @@ impl Dispatcher {
             }
             let result = result
                 .and_then(|bytes| link.send_blocking(&mailbox, call_id, method, &bytes, true));
-            let code = match result {
-                Ok(()) => Code::Ok,
-                Err(status) => {
-                    if !link.is_dead() {
-                        let _ = link.push(link.status_descriptor(call_id, method, &status));
-                    }
-                    status.code()
-                }
-            };
-            link.record(method, code, started.elapsed());
-            link.unregister(call_id);
+            link.end_unary(call_id, method, result, started);
         });
         self.run_job(job)
     }

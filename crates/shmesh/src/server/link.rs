@@ -20,7 +20,7 @@ use shmesh_shm::ring::{Consumer, Producer, PushError};
 use thiserror::Error;
 
 use crate::mailbox::{Mailbox, Waiter};
-use crate::protocol::{self, MESSAGE, MORE, RETURN};
+use crate::protocol::{self, RETURN};
 use crate::socket::PeerCredentials;
 use crate::stats::ConnectionRecorder;
 use crate::status::{Code, Status};
@@ -379,14 +379,8 @@ impl Link {
         end: bool,
     ) -> Result<(), Status> {
         self.check_size(bytes.len())?;
-        let parts: Vec<_> = protocol::chunks(bytes.len(), self.max_slab).collect();
-        let last = parts.len() - 1;
-        for (i, range) in parts.into_iter().enumerate() {
-            let flags = match (i == last, end) {
-                (false, _) => MESSAGE | MORE,
-                (true, true) => MESSAGE | Flags::END,
-                (true, false) => MESSAGE,
-            };
+        let last = if end { Flags::END } else { Flags(0) };
+        for (range, flags) in protocol::plan(bytes.len(), self.max_slab, Flags(0), Flags(0), last) {
             if protocol::costs_credit(flags) {
                 take_credit_blocking(self, mailbox)?;
             }
@@ -396,6 +390,29 @@ impl Link {
             self.push(d)?;
         }
         Ok(())
+    }
+
+    /// Ends a unary call served off the connection's thread: an error
+    /// becomes the call's status (unless the client is gone), then the call
+    /// is counted and forgotten.
+    pub(crate) fn end_unary(
+        &self,
+        call_id: u64,
+        method: u32,
+        result: Result<(), Status>,
+        started: std::time::Instant,
+    ) {
+        let code = match result {
+            Ok(()) => Code::Ok,
+            Err(status) => {
+                if !self.is_dead() {
+                    let _ = self.push(self.status_descriptor(call_id, method, &status));
+                }
+                status.code()
+            }
+        };
+        self.record(method, code, started.elapsed());
+        self.unregister(call_id);
     }
 
     /// Checks a message's size against the connection's limit.

@@ -21,12 +21,12 @@ use shmesh_shm::pool::{AllocError, SlabMut};
 
 use crate::deadline;
 use crate::mailbox::{Mailbox, Waiter};
-use crate::protocol::{self, MESSAGE, MORE};
+use crate::protocol;
 use crate::server::dispatch::Payload;
 use crate::server::link::{AllocFailed, Gone, Link};
 use crate::server::stream::{CallDone, CallEnd, Message, Step};
 use crate::socket::PeerCredentials;
-use crate::status::{Code, Status};
+use crate::status::Status;
 
 /// The future an async handler returns.
 pub type HandlerFuture<T> = Pin<Box<dyn Future<Output = Result<T, Status>> + Send + 'static>>;
@@ -226,14 +226,8 @@ async fn send(
     end: bool,
 ) -> Result<(), Status> {
     link.check_size(bytes.len())?;
-    let parts: Vec<_> = protocol::chunks(bytes.len(), link.max_slab).collect();
-    let last = parts.len() - 1;
-    for (i, range) in parts.into_iter().enumerate() {
-        let flags = match (i == last, end) {
-            (false, _) => MESSAGE | MORE,
-            (true, true) => MESSAGE | Flags::END,
-            (true, false) => MESSAGE,
-        };
+    let last = if end { Flags::END } else { Flags(0) };
+    for (range, flags) in protocol::plan(bytes.len(), link.max_slab, Flags(0), Flags(0), last) {
         if protocol::costs_credit(flags) {
             take_credit(link, mailbox).await?;
         }
@@ -301,17 +295,7 @@ pub(crate) fn spawn_unary(
             Ok(bytes) => send(&link, &mailbox, first.call_id, first.method_id, &bytes, true).await,
             Err(status) => Err(status),
         };
-        let code = match result {
-            Ok(()) => Code::Ok,
-            Err(status) => {
-                if !link.is_dead() {
-                    let _ = link.push(link.status_descriptor(first.call_id, first.method_id, &status));
-                }
-                status.code()
-            }
-        };
-        link.record(first.method_id, code, started.elapsed());
-        link.unregister(first.call_id);
+        link.end_unary(first.call_id, first.method_id, result, started);
     });
 }
 
