@@ -375,3 +375,33 @@ fn unknown_streaming_method_is_unimplemented() {
     let status: Status = err;
     assert!(status.message().contains("999"));
 }
+
+#[test]
+fn shutdown_closes_streams_that_outlive_the_grace_period() {
+    let addr = format!("shm://@shmesh-streams-grace-{}", std::process::id());
+    let router = Router::new().route_stream(ECHO_STREAM, |call| {
+        while let Some(m) = call.recv()? {
+            call.send(&m)?;
+        }
+        Ok(())
+    });
+    let mut server = Server::bind(&addr, "streams", SCHEMA, router).unwrap();
+    server.set_shutdown_grace(Duration::from_millis(200));
+    let server = BackgroundServer::spawn(server).unwrap();
+    let channel = connect(&addr);
+    let mut call = channel.open(ECHO_STREAM, None).unwrap();
+    call.send(b"before").unwrap();
+    assert_eq!(&call.recv().unwrap().unwrap()[..], b"before");
+    // Shut down with the stream open: after the grace period the server
+    // closes the connection and returns.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(server);
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("shutdown waited for a stream that never ends");
+    let err = call.recv().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+}

@@ -964,6 +964,12 @@ impl Inner {
                     if self.is_dead() {
                         return Err(self.unavailable());
                     }
+                    // The server may be waiting for room for its answers:
+                    // take them in while we wait (call id 0 is never ours,
+                    // so every answer goes to its caller).
+                    if let Ok(mut ring) = self.ends_recv.try_lock() {
+                        self.collect(&mut ring, 0)?;
+                    }
                     if deadline.is_some_and(|t| Instant::now() >= t) {
                         return Err(Status::deadline_exceeded(
                             "request ring stayed full until the deadline",

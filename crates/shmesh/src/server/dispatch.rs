@@ -57,6 +57,8 @@ pub(crate) struct ServerContext<'a> {
     pub stats: &'a Arc<Stats>,
     pub workers: &'a Arc<Workers>,
     pub runtime: &'a Runtime,
+    /// How long shutdown waits for calls in progress.
+    pub grace: Duration,
 }
 
 /// Runs connection `id` from its handshake to its end.
@@ -147,9 +149,10 @@ pub(crate) fn serve_connection(
         runtime: server.runtime.clone(),
         assembling: HashMap::default(),
         recorder,
+        grace: server.grace,
     };
     let result = dispatcher.run(wait_policy, server.shutdown);
-    link.wake_all();
+    link.cancel_all();
     // Shut the socket down rather than only close it: the watcher holds a
     // duplicate of it, and both must see the end. The client learns we are
     // gone.
@@ -212,6 +215,7 @@ struct Dispatcher {
     /// Counters for the calls answered on this thread (others record
     /// through the link's).
     recorder: crate::stats::ConnectionRecorder,
+    grace: Duration,
 }
 
 impl Dispatcher {
@@ -220,6 +224,8 @@ impl Dispatcher {
         policy: shmesh_shm::doorbell::WaitPolicy,
         shutdown: &AtomicBool,
     ) -> Result<(), ConnectionError> {
+        // When shutdown was first seen with calls still in progress.
+        let mut stopping_since: Option<std::time::Instant> = None;
         loop {
             if let Some(why) = self.link.broken() {
                 return Err(ConnectionError::Protocol(why));
@@ -239,17 +245,27 @@ impl Dispatcher {
                         return Ok(());
                     }
                     // Acquire: pairs with the shutdown handle's Release.
-                    if shutdown.load(Ordering::Acquire)
-                        && self.assembling.is_empty()
-                        && link.calls_in_progress() == 0
-                    {
-                        return Ok(());
+                    if shutdown.load(Ordering::Acquire) {
+                        if self.assembling.is_empty() && link.calls_in_progress() == 0 {
+                            return Ok(());
+                        }
+                        let since = *stopping_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= self.grace {
+                            tracing::warn!(
+                                calls = link.calls_in_progress(),
+                                "shutdown grace period over: closing a connection with calls in progress"
+                            );
+                            return Ok(());
+                        }
                     }
+                    // Once stopping, wake for requests and for calls ending
+                    // (they ring the bell), not for the shutdown flag again.
+                    let stopping = stopping_since.is_some();
                     let requests = &self.requests;
                     let _ = link.server_bell.wait_for(policy, LIVENESS_SLICE, || {
                         requests.has_pending_hint()
                             || link.is_dead()
-                            || shutdown.load(Ordering::Acquire)
+                            || (!stopping && shutdown.load(Ordering::Acquire))
                     });
                     continue;
                 }

@@ -136,7 +136,9 @@ impl Link {
     }
 
     /// Ends the connection because the client broke the protocol; the
-    /// connection's thread reports `why`.
+    /// connection's thread reports `why` and, as it leaves, cancels the
+    /// calls in progress. Takes no mailbox lock, so any code may call it,
+    /// a mailbox's holder included.
     pub(crate) fn break_off(&self, why: String) {
         lock(&self.broken).get_or_insert(why);
         // Relaxed: the reason itself is read under its lock.
@@ -144,7 +146,6 @@ impl Link {
         // Release: handlers that see it also see why.
         self.dead.store(true, Ordering::Release);
         self.server_bell.notify();
-        self.wake_all();
     }
 
     /// Why the connection was broken off, if it was.
@@ -156,10 +157,11 @@ impl Link {
         lock(&self.broken).clone()
     }
 
-    /// Wakes every handler waiting on its call (the connection ended).
-    pub(crate) fn wake_all(&self) {
+    /// The connection ended: every call in progress is cancelled (its
+    /// handler sees `is_cancelled()`), and whoever waits is woken.
+    pub(crate) fn cancel_all(&self) {
         for mailbox in lock(&self.calls).values() {
-            mailbox.update(|_| {});
+            mailbox.update(|s| s.cancelled = true);
         }
     }
 

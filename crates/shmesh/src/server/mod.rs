@@ -346,6 +346,9 @@ pub struct Server {
     stats: Arc<Stats>,
     workers: Arc<Workers>,
     runtime: Runtime,
+    /// How long shutdown waits for calls in progress before it closes their
+    /// connections anyway.
+    grace: Duration,
     /// The runtime the server started for its async handlers, if none was
     /// current at bind time.
     #[cfg(feature = "tokio")]
@@ -467,7 +470,8 @@ pub struct ShutdownHandle {
 }
 
 impl ShutdownHandle {
-    /// Stops accepting; connections finish the calls already sent, then close.
+    /// Stops accepting; connections finish the calls already sent (within
+    /// the server's grace period), then close.
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::Release);
         // Wake the accept loop with a connection it will drop at once.
@@ -511,6 +515,7 @@ impl Server {
             live: Arc::new(AtomicU64::new(0)),
             stats: Arc::new(Stats::default()),
             workers: Arc::new(Workers::start().map_err(ServerError::Workers)?),
+            grace: Duration::from_secs(30),
             #[cfg(feature = "tokio")]
             runtime,
             #[cfg(feature = "tokio")]
@@ -523,6 +528,13 @@ impl Server {
     /// The most a client may be granted (defaults to [`Limits::default`]).
     pub fn set_max_limits(&mut self, max: Limits) {
         self.policy.max = max;
+    }
+
+    /// How long a shutdown lets calls in progress (a long stream, a slow
+    /// handler) finish before it closes their connections anyway, which
+    /// fails them with `Unavailable` on the client (default 30 s).
+    pub fn set_shutdown_grace(&mut self, grace: Duration) {
+        self.grace = grace;
     }
 
     /// A handle to stop [`Server::serve`].
@@ -567,6 +579,7 @@ impl Server {
                 break;
             }
             let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+            let grace = self.grace;
             let (policy, router, shutdown, live, stats, workers, runtime) = (
                 self.policy.clone(),
                 self.router.clone(),
@@ -587,6 +600,7 @@ impl Server {
                         stats: &stats,
                         workers: &workers,
                         runtime: &runtime,
+                        grace,
                     };
                     if let Err(e) = dispatch::serve_connection(conn, id, &context) {
                         tracing::warn!(connection = id, "connection closed: {e}");

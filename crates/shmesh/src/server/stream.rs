@@ -103,11 +103,17 @@ impl CallEnd {
     /// `wait_as`, registers that waiter when it must wait.
     pub(crate) fn step(&mut self, wait_as: impl FnOnce() -> Waiter) -> Result<Step, Status> {
         let mut grant = None;
+        let mut broken = None;
         let step = {
             let mailbox = self.mailbox.clone();
             let mut state = mailbox.lock();
-            self.take(&mut state, &mut grant, wait_as)
+            self.take(&mut state, &mut grant, &mut broken, wait_as)
         };
+        // Not under the mailbox's lock: breaking off cancels every call,
+        // this one included.
+        if let Some(why) = broken {
+            self.link.break_off(why);
+        }
         if let Some(n) = grant {
             self.link.push(protocol::credit(self.call_id, n))?;
         }
@@ -118,6 +124,7 @@ impl CallEnd {
         &mut self,
         state: &mut MailboxState,
         grant: &mut Option<u32>,
+        broken: &mut Option<String>,
         wait_as: impl FnOnce() -> Waiter,
     ) -> Result<Step, Status> {
         loop {
@@ -148,7 +155,7 @@ impl CallEnd {
                 match self.link.peer_pool.read(d.payload, d.len.into()) {
                     Ok(b) => b,
                     Err(e) => {
-                        self.link.break_off(format!("call {}: {e}", d.call_id));
+                        *broken = Some(format!("call {}: {e}", d.call_id));
                         return Err(Gone.into());
                     }
                 }
