@@ -835,7 +835,7 @@ impl Inner {
     /// call ends, then hands `d` to its call (`mine` is the collecting
     /// caller's own call) or, if nobody wants it, gives its slab back.
     /// Returns the collecting caller's answer if `d` brought it.
-    fn complete(&self, d: Descriptor, mine: u64) -> Result<Option<Answer>, Status> {
+    fn complete(&self, d: Descriptor, mine: u64) -> Result<Option<Mine>, Status> {
         let mut pending = lock(&self.pending);
         let Some(entry) = pending.get_mut(&d.call_id) else {
             drop(pending);
@@ -855,7 +855,10 @@ impl Inner {
             CallState::Waiting(_) if ends && !d.flags.contains(protocol::MORE) => {
                 if d.call_id == mine {
                     pending.remove(&mine);
-                    return Ok(Some(Answer::Done(d)));
+                    return Ok(Some(Mine {
+                        answer: Answer::Done(d),
+                        others: !pending.is_empty(),
+                    }));
                 }
                 if let CallState::Waiting(w) =
                     std::mem::replace(&mut entry.state, CallState::Done(d))
@@ -873,7 +876,10 @@ impl Inner {
                     pending.remove(&d.call_id);
                 }
                 if d.call_id == mine {
-                    return Ok(Some(Answer::Streamed(mailbox)));
+                    return Ok(Some(Mine {
+                        answer: Answer::Streamed(mailbox),
+                        others: true,
+                    }));
                 }
                 if let CallState::Waiting(w) = old {
                     w.wake();
@@ -995,15 +1001,25 @@ impl Inner {
             }
             // The clock is read only when a wait ran out, not on every pass.
             let waited_out = match self.ends_recv.try_lock() {
-                Ok(mut ring) => match self.lead(&mut ring, call_id, deadline, &|| false)? {
-                    Led::Mine(a) => {
-                        drop(ring);
-                        self.promote_a_follower();
-                        return Ok(a);
+                Ok(mut ring) => {
+                    // While we hold the ring nobody else collects: our
+                    // answer can only come through us, so lead until it does
+                    // (or a wait runs out) without looking at the table.
+                    loop {
+                        match self.lead(&mut ring, call_id, deadline, &|| false)? {
+                            Led::Mine(m) => {
+                                drop(ring);
+                                if m.others {
+                                    self.promote_a_follower();
+                                }
+                                return Ok(m.answer);
+                            }
+                            Led::Woken if self.is_dead() => break false,
+                            Led::Woken => {}
+                            Led::WaitedOut => break true,
+                        }
                     }
-                    Led::Woken => false,
-                    Led::WaitedOut => true,
-                },
+                }
                 Err(_) => {
                     if !self.park_here(call_id) {
                         // The answer is in.
@@ -1089,8 +1105,8 @@ impl Inner {
         deadline: Option<Instant>,
         done: &dyn Fn() -> bool,
     ) -> Result<Led, Status> {
-        if let Some(a) = self.collect(ring, call_id)? {
-            return Ok(Led::Mine(a));
+        if let Some(m) = self.collect_mine(ring, call_id)? {
+            return Ok(Led::Mine(m));
         }
         if done() {
             return Ok(Led::Woken);
@@ -1118,12 +1134,22 @@ impl Inner {
         ring: &mut shmesh_shm::ring::Consumer<Descriptor>,
         call_id: u64,
     ) -> Result<Option<Answer>, Status> {
+        Ok(self.collect_mine(ring, call_id)?.map(|m| m.answer))
+    }
+
+    /// [`Inner::collect`], also saying whether other calls were pending
+    /// when ours came (so a follower may need promoting).
+    fn collect_mine(
+        &self,
+        ring: &mut shmesh_shm::ring::Consumer<Descriptor>,
+        call_id: u64,
+    ) -> Result<Option<Mine>, Status> {
         let mut mine = None;
         loop {
             match ring.try_pop() {
                 Ok(Some(d)) => {
-                    if let Some(a) = self.complete(d, call_id)? {
-                        mine = Some(a);
+                    if let Some(m) = self.complete(d, call_id)? {
+                        mine = Some(m);
                     }
                 }
                 Ok(None) => return Ok(mine),
@@ -1173,10 +1199,17 @@ pub(crate) enum Answer {
     Streamed(Arc<Mailbox>),
 }
 
+/// A collecting caller's own answer.
+struct Mine {
+    answer: Answer,
+    /// Other calls were pending: a follower may be waiting to lead.
+    others: bool,
+}
+
 /// What a leader's turn came to.
 enum Led {
     /// Our own answer.
-    Mine(Answer),
+    Mine(Mine),
     /// Something arrived (or the channel died): look again.
     Woken,
     /// The wait ran out: time to check the deadline.

@@ -263,37 +263,50 @@ impl Router {
 
     /// Serves `method` with an async handler, run as a task on the server's
     /// tokio runtime (the one current at [`Server::bind`], or one the server
-    /// starts). The task is dropped if the client cancels or the deadline
-    /// passes.
+    /// starts). The task is dropped at its next await if the client cancels
+    /// or the deadline passes.
     ///
     /// ```
     /// # use shmesh::server::Router;
-    /// let router = Router::new().route_async(1, |request| {
-    ///     Box::pin(async move { Ok(request.payload().to_vec()) })
+    /// let router = Router::new().route_async(1, |request| async move {
+    ///     tokio::task::yield_now().await; // await anything
+    ///     Ok(request.payload().to_vec())
     /// });
     /// ```
     #[cfg(feature = "tokio")]
-    pub fn route_async(
-        mut self,
-        method: u32,
-        handler: impl Fn(AsyncRequest) -> HandlerFuture<Vec<u8>> + Send + Sync + 'static,
-    ) -> Self {
-        self.handlers
-            .insert(method, Route::Async(Arc::new(handler)));
+    pub fn route_async<F, Fut>(mut self, method: u32, handler: F) -> Self
+    where
+        F: Fn(AsyncRequest) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Vec<u8>, Status>> + Send + 'static,
+    {
+        let boxed = move |request| -> HandlerFuture<Vec<u8>> { Box::pin(handler(request)) };
+        self.handlers.insert(method, Route::Async(Arc::new(boxed)));
         self
     }
 
     /// Serves the streaming `method` with an async handler, run as a task
-    /// on the server's tokio runtime; dropped if the client cancels or the
-    /// deadline passes.
+    /// on the server's tokio runtime; dropped at its next await if the
+    /// client cancels or the deadline passes.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// let router = Router::new().route_stream_async(2, |mut call| async move {
+    ///     while let Some(message) = call.recv().await? {
+    ///         let echo = message.to_vec();
+    ///         call.send(&echo).await?;
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
     #[cfg(feature = "tokio")]
-    pub fn route_stream_async(
-        mut self,
-        method: u32,
-        handler: impl Fn(AsyncServerStream) -> HandlerFuture<()> + Send + Sync + 'static,
-    ) -> Self {
+    pub fn route_stream_async<F, Fut>(mut self, method: u32, handler: F) -> Self
+    where
+        F: Fn(AsyncServerStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        let boxed = move |call| -> HandlerFuture<()> { Box::pin(handler(call)) };
         self.handlers
-            .insert(method, Route::AsyncStream(Arc::new(handler)));
+            .insert(method, Route::AsyncStream(Arc::new(boxed)));
         self
     }
 
