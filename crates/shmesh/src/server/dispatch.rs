@@ -23,8 +23,8 @@ use crate::deadline;
 use crate::handshake::{FdRole, ServerPolicy};
 use crate::layout::{self, LayoutError, ServerEnds};
 use crate::mailbox::Mailbox;
-use crate::protocol::{self, Assembler, CreditCounter, MESSAGE, MORE, OPEN, WINDOW};
-use crate::server::link::{AllocFailed, Gone, Link, LinkParts};
+use crate::protocol::{self, CreditCounter, MESSAGE, MORE, OPEN, WINDOW};
+use crate::server::link::{AllocFailed, Assembly, Gone, Link, LinkParts};
 use crate::server::stream::{CallEnd, ServerStream, is_message};
 use crate::server::{Job, Reply, ReplyBody, Request, Route, Router, Runtime, Workers};
 use crate::socket::{self, Connection};
@@ -172,9 +172,9 @@ fn read<'l>(link: &'l Link, d: &Descriptor) -> Result<&'l [u8], Gone> {
 }
 
 /// A unary request arriving in chunks.
-struct Assembly {
+struct ChunkedRequest {
     first: Descriptor,
-    message: Assembler,
+    message: Assembly,
     credits: CreditCounter,
 }
 
@@ -211,7 +211,7 @@ struct Dispatcher {
     router: Arc<Router>,
     workers: Arc<Workers>,
     runtime: Runtime,
-    assembling: HashMap<u64, Assembly>,
+    assembling: HashMap<u64, ChunkedRequest>,
     /// Counters for the calls answered on this thread (others record
     /// through the link's).
     recorder: crate::stats::ConnectionRecorder,
@@ -376,15 +376,15 @@ impl Dispatcher {
             return self.start_stream(route, end);
         }
         if d.flags.contains(MORE) {
-            let mut assembly = Assembly {
+            let mut assembly = ChunkedRequest {
                 first: d,
-                message: Assembler::new(self.link.max_message),
+                message: Assembly::new(&self.link),
                 credits: CreditCounter::default(),
             };
             let bytes = read(&self.link, &d)?;
-            if let Err(e) = assembly.message.push(bytes) {
+            if let Err(status) = assembly.message.push(bytes) {
                 self.link.discard(&d)?;
-                return self.fail_now(&d, &Status::resource_exhausted(e.to_string()));
+                return self.fail_now(&d, &status);
             }
             self.link.discard(&d)?;
             self.assembling.insert(d.call_id, assembly);
@@ -426,9 +426,9 @@ impl Dispatcher {
             None
         };
         self.link.discard(&d)?;
-        if let Err(e) = pushed {
+        if let Err(status) = pushed {
             if let Some(a) = self.assembling.remove(&d.call_id) {
-                return self.fail_now(&a.first, &Status::resource_exhausted(e.to_string()));
+                return self.fail_now(&a.first, &status);
             }
             return Ok(());
         }

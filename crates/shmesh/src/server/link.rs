@@ -8,7 +8,7 @@
 //! dead, so no handler outlives its client by more than its own work.
 
 use rustc_hash::FxHashMap as HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use shmesh_shm::ring::{Consumer, Producer, PushError};
 use thiserror::Error;
 
 use crate::mailbox::{Mailbox, Waiter};
-use crate::protocol::{self, RETURN};
+use crate::protocol::{self, Assembler, RETURN};
 use crate::socket::PeerCredentials;
 use crate::stats::ConnectionRecorder;
 use crate::status::{Code, Status};
@@ -70,6 +70,12 @@ pub(crate) struct Link {
     pub max_message: u64,
     /// The largest slab of our pool: larger messages go in chunks.
     pub max_slab: usize,
+    /// Bytes that messages being assembled from chunks may still take on
+    /// this connection, so a client cannot hold unbounded memory by
+    /// opening many large messages and never finishing them.
+    assembly_room: AtomicU64,
+    /// What `assembly_room` starts at.
+    assembly_budget: u64,
     /// Calls being served off the connection's thread, by call id.
     calls: Mutex<HashMap<u64, Arc<Mailbox>>>,
     /// Who the client is.
@@ -122,6 +128,8 @@ impl Link {
             is_broken: AtomicBool::new(false),
             max_message: p.max_message,
             max_slab,
+            assembly_room: AtomicU64::new(assembly_budget(p.max_message)),
+            assembly_budget: assembly_budget(p.max_message),
             calls: Mutex::new(HashMap::default()),
             peer: p.peer,
             recorder: Mutex::new(p.recorder),
@@ -426,6 +434,69 @@ impl Link {
             )));
         }
         Ok(())
+    }
+}
+
+/// The assembly budget of a connection whose largest message is
+/// `max_message`: two such messages at once.
+fn assembly_budget(max_message: u64) -> u64 {
+    max_message.saturating_mul(2)
+}
+
+/// A message being assembled from chunks, its bytes counted against its
+/// connection's budget until it is whole (or dropped).
+pub(crate) struct Assembly {
+    message: Assembler,
+    link: Arc<Link>,
+    reserved: u64,
+}
+
+impl Assembly {
+    pub(crate) fn new(link: &Arc<Link>) -> Self {
+        Assembly {
+            message: Assembler::new(link.max_message),
+            link: link.clone(),
+            reserved: 0,
+        }
+    }
+
+    /// Appends one chunk, if the message stays within the connection's
+    /// limit and the connection's assembly budget has room.
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Result<(), Status> {
+        let n = chunk.len() as u64;
+        // AcqRel: a budget shared by the connection's threads; the count is
+        // all it guards.
+        let reserved =
+            self.link
+                .assembly_room
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| {
+                    room.checked_sub(n)
+                });
+        if reserved.is_err() {
+            return Err(Status::resource_exhausted(format!(
+                "messages being assembled on this connection would exceed {} bytes",
+                self.link.assembly_budget
+            )));
+        }
+        self.reserved += n;
+        self.message
+            .push(chunk)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))
+    }
+
+    /// The whole message; its bytes leave the budget.
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        let message = std::mem::replace(&mut self.message, Assembler::new(0));
+        message.finish()
+    }
+}
+
+impl Drop for Assembly {
+    fn drop(&mut self) {
+        // AcqRel: see `push`.
+        self.link
+            .assembly_room
+            .fetch_add(self.reserved, Ordering::AcqRel);
     }
 }
 

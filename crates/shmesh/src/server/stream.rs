@@ -8,8 +8,8 @@ use shmesh_shm::descriptor::{Descriptor, Flags};
 
 use crate::deadline;
 use crate::mailbox::{Mailbox, MailboxState, Waiter};
-use crate::protocol::{self, Assembler, CreditCounter, MESSAGE, MORE, RETURN};
-use crate::server::link::{Gone, LIVENESS_SLICE, Link};
+use crate::protocol::{self, CreditCounter, MESSAGE, MORE, RETURN};
+use crate::server::link::{Assembly, Gone, LIVENESS_SLICE, Link};
 use crate::socket::PeerCredentials;
 use crate::status::Status;
 
@@ -72,7 +72,7 @@ pub(crate) struct CallEnd {
     pub call_id: u64,
     pub method: u32,
     pub deadline_ns: u64,
-    assembling: Option<Assembler>,
+    assembling: Option<Assembly>,
     credits: CreditCounter,
     pub started: std::time::Instant,
 }
@@ -163,16 +163,15 @@ impl CallEnd {
                 &[]
             };
             if d.flags.contains(MORE) || self.assembling.is_some() {
-                let assembler = self
-                    .assembling
-                    .get_or_insert_with(|| Assembler::new(self.link.max_message));
-                let pushed = assembler.push(bytes);
+                let link = self.link.clone();
+                let assembly = self.assembling.get_or_insert_with(|| Assembly::new(&link));
+                let pushed = assembly.push(bytes);
                 self.link.discard(&d)?;
-                pushed.map_err(|e| Status::resource_exhausted(e.to_string()))?;
+                pushed?;
                 if d.flags.contains(MORE) {
                     continue;
                 }
-                let whole = self.assembling.take().map(Assembler::finish);
+                let whole = self.assembling.take().map(Assembly::finish);
                 return Ok(Step::Ready(Some(Message::owned(whole.unwrap_or_default()))));
             }
             if d.flags.contains(Flags::PAYLOAD) {
