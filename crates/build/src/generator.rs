@@ -9,6 +9,7 @@ use crate::schema::{MethodSchema, ServiceSchema};
 pub(crate) struct Generator {
     pub(crate) client: bool,
     pub(crate) server: bool,
+    pub(crate) grpc: bool,
     /// Path of the runtime crate, e.g. `::shmesh_protobuf`.
     pub(crate) runtime: String,
 }
@@ -496,6 +497,113 @@ impl Generator {
         );
         emit!(buf, "        }}");
         emit!(buf, "    }}");
+        if self.grpc {
+            self.grpc(service, trait_name, &ty, buf);
+        }
         emit!(buf, "}}");
+    }
+
+    /// The gRPC front-end of a server: a tonic service calling the same
+    /// trait.
+    fn grpc(&self, service: &Service, trait_name: &str, server: &str, buf: &mut String) {
+        let rt = &self.runtime;
+        let name = full_name(service);
+        let ty = format!("{}GrpcServer", service.name);
+        let codegen = format!("{rt}::grpc::tonic::codegen");
+        emit!(buf, "    impl<T: {trait_name}> {server}<T> {{");
+        emit!(
+            buf,
+            "        /// The same service over gRPC: a tonic service to add to a"
+        );
+        emit!(buf, "        /// `tonic::transport::Server`.");
+        emit!(buf, "        pub fn into_grpc(self) -> {ty}<T> {{");
+        emit!(buf, "            {ty} {{ inner: self.inner }}");
+        emit!(buf, "        }}");
+        emit!(buf, "    }}");
+        emit!(
+            buf,
+            "    /// A [`{trait_name}`] implementation served over gRPC by tonic (from"
+        );
+        emit!(buf, "    /// [`{server}::into_grpc`]).");
+        emit!(buf, "    pub struct {ty}<T> {{");
+        emit!(buf, "        inner: ::std::sync::Arc<T>,");
+        emit!(buf, "    }}");
+        emit!(buf, "    impl<T> ::core::fmt::Debug for {ty}<T> {{");
+        emit!(
+            buf,
+            "        fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{"
+        );
+        emit!(
+            buf,
+            "            f.debug_struct(\"{ty}\").finish_non_exhaustive()"
+        );
+        emit!(buf, "        }}");
+        emit!(buf, "    }}");
+        emit!(buf, "    impl<T> ::core::clone::Clone for {ty}<T> {{");
+        emit!(buf, "        fn clone(&self) -> Self {{");
+        emit!(buf, "            Self {{ inner: self.inner.clone() }}");
+        emit!(buf, "        }}");
+        emit!(buf, "    }}");
+        emit!(
+            buf,
+            "    impl<T> {rt}::grpc::tonic::server::NamedService for {ty}<T> {{"
+        );
+        emit!(buf, "        const NAME: &'static str = \"{name}\";");
+        emit!(buf, "    }}");
+        emit!(
+            buf,
+            "    impl<T: {trait_name}, B> {codegen}::Service<{codegen}::http::Request<B>> for {ty}<T>"
+        );
+        emit!(buf, "    where");
+        emit!(
+            buf,
+            "        B: {codegen}::Body + ::core::marker::Send + 'static,"
+        );
+        emit!(
+            buf,
+            "        B::Error: ::core::convert::Into<{codegen}::StdError> + ::core::marker::Send + 'static,"
+        );
+        emit!(buf, "    {{");
+        emit!(
+            buf,
+            "        type Response = {codegen}::http::Response<{rt}::grpc::tonic::body::Body>;"
+        );
+        emit!(buf, "        type Error = ::core::convert::Infallible;");
+        emit!(buf, "        type Future = {rt}::grpc::GrpcFuture;");
+        emit!(
+            buf,
+            "        fn poll_ready(&mut self, _cx: &mut ::core::task::Context<'_>) -> ::core::task::Poll<::core::result::Result<(), Self::Error>> {{"
+        );
+        emit!(
+            buf,
+            "            ::core::task::Poll::Ready(::core::result::Result::Ok(()))"
+        );
+        emit!(buf, "        }}");
+        emit!(
+            buf,
+            "        fn call(&mut self, request: {codegen}::http::Request<B>) -> Self::Future {{"
+        );
+        emit!(buf, "            match request.uri().path() {{");
+        for m in &service.methods {
+            let method = &m.name;
+            let (helper, params) = match Kind::of(m) {
+                Kind::Unary => ("unary", "request"),
+                Kind::ServerStreaming => ("server_streaming", "request, responses"),
+                Kind::ClientStreaming => ("client_streaming", "requests"),
+                Kind::Bidi => ("bidi_streaming", "call"),
+            };
+            emit!(
+                buf,
+                "                \"/{name}/{}\" => {rt}::grpc::{helper}(self.inner.clone(), |service: ::std::sync::Arc<T>, {params}| async move {{ service.{method}({params}).await }}, request),",
+                m.proto_name
+            );
+        }
+        emit!(
+            buf,
+            "                path => {rt}::grpc::unimplemented(path),"
+        );
+        emit!(buf, "            }}");
+        emit!(buf, "        }}");
+        emit!(buf, "    }}");
     }
 }

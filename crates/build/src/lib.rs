@@ -42,6 +42,9 @@
 //!   `Send` future (implement it with `async fn`), and `GreeterServer`,
 //!   which mounts an implementation on a shmesh `Router`
 //!   (`into_router`) or binds a `Server` at an address (`bind`).
+//! - with [`Builder::grpc`], also `greeter_server::GreeterGrpcServer`
+//!   (from `GreeterServer::into_grpc`): the same trait implementation as a
+//!   tonic service, to serve over gRPC (HTTP/2, TCP) beside shmesh.
 //!
 //! The runtime types named there live in the `shmesh-protobuf` crate.
 
@@ -82,6 +85,7 @@ pub fn configure() -> Builder {
         out_dir: None,
         build_client: true,
         build_server: true,
+        grpc: false,
         runtime_crate: "::shmesh_protobuf".to_owned(),
     }
 }
@@ -92,6 +96,7 @@ pub struct Builder {
     out_dir: Option<PathBuf>,
     build_client: bool,
     build_server: bool,
+    grpc: bool,
     runtime_crate: String,
 }
 
@@ -117,6 +122,16 @@ impl Builder {
     /// Whether to generate the servers (default: yes).
     pub fn build_server(mut self, enable: bool) -> Self {
         self.build_server = enable;
+        self
+    }
+
+    /// Whether each server also gets a gRPC front-end (default: no):
+    /// `FooServer::into_grpc` turns it into a `FooGrpcServer`, a tonic
+    /// service to add to a `tonic::transport::Server`, serving the same
+    /// trait implementation over HTTP/2. Needs `shmesh-protobuf`'s `tonic`
+    /// feature.
+    pub fn grpc(mut self, enable: bool) -> Self {
+        self.grpc = enable;
         self
     }
 
@@ -161,6 +176,7 @@ impl Builder {
         config.service_generator(Box::new(generator::Generator {
             client: self.build_client,
             server: self.build_server,
+            grpc: self.grpc,
             runtime: self.runtime_crate,
         }));
         config.compile_fds(descriptors)?;

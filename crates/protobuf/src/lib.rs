@@ -13,6 +13,8 @@
 //!   [`Channel`](shmesh::client::Channel);
 //! - [`server`]: the server side, mounted on a
 //!   [`Router`](shmesh::server::Router) with async handlers;
+//! - `grpc` (feature `tonic`): the same service traits served over gRPC
+//!   with tonic;
 //! - [`Request`]: a message with the call's metadata (the caller's
 //!   credentials, the time left before its deadline).
 //!
@@ -27,6 +29,8 @@
 
 pub mod blocking;
 pub mod client;
+#[cfg(feature = "tonic")]
+pub mod grpc;
 pub mod server;
 
 use std::time::{Duration, Instant};

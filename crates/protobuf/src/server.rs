@@ -82,7 +82,7 @@ where
                 decode::<Req>(&first, request_type)?
             };
             let request = Request::from_parts(message, call.peer(), call.remaining());
-            handler(service, request, ResponseSink::new(call)).await
+            handler(service, request, ResponseSink::shmesh(call)).await
         }
     })
 }
@@ -111,11 +111,13 @@ where
             let (peer, remaining) = (call.peer(), call.remaining());
             let call = Arc::new(tokio::sync::Mutex::new(call));
             let requests = RequestStream {
-                call: call.clone(),
-                peer,
+                inner: Incoming::Shmesh {
+                    call: call.clone(),
+                    request_type,
+                    _message: PhantomData,
+                },
+                peer: Some(peer),
                 remaining,
-                request_type,
-                _message: PhantomData,
             };
             let reply = handler(service, requests).await?.encode_to_vec();
             call.lock().await.send(&reply).await
@@ -140,78 +142,136 @@ where
     Fut: Future<Output = Result<(), Status>> + Send + 'static,
 {
     router.route_stream_async(method, move |call: AsyncServerStream| {
-        handler(service.clone(), BidiStream::new(call, request_type))
+        handler(
+            service.clone(),
+            BidiStream {
+                inner: Bidi::Shmesh {
+                    call,
+                    buf: Vec::new(),
+                    request_type,
+                    _messages: PhantomData,
+                },
+            },
+        )
     })
 }
 
 /// Where a server-streaming handler sends its responses.
 #[derive(Debug)]
 pub struct ResponseSink<T> {
-    call: AsyncServerStream,
-    buf: Vec<u8>,
-    _message: PhantomData<fn(&T)>,
+    inner: Outgoing<T>,
 }
 
-impl<T: prost::Message> ResponseSink<T> {
-    fn new(call: AsyncServerStream) -> Self {
+/// Where responses go.
+#[derive(Debug)]
+pub(crate) enum Outgoing<T> {
+    /// To a shmesh call, each encoded into the reused `buf`.
+    Shmesh {
+        call: AsyncServerStream,
+        buf: Vec<u8>,
+        _message: PhantomData<fn(&T)>,
+    },
+    /// To the stream tonic sends from.
+    #[cfg(feature = "tonic")]
+    Grpc(tokio::sync::mpsc::Sender<Result<T, tonic::Status>>),
+}
+
+impl<T: prost::Message + Clone> Outgoing<T> {
+    async fn send(&mut self, message: &T) -> Result<(), Status> {
+        match self {
+            Outgoing::Shmesh { call, buf, .. } => {
+                buf.clear();
+                message
+                    .encode(buf)
+                    .map_err(|e| Status::internal(format!("cannot encode a response: {e}")))?;
+                call.send(buf).await
+            }
+            #[cfg(feature = "tonic")]
+            Outgoing::Grpc(tx) => tx
+                .send(Ok(message.clone()))
+                .await
+                .map_err(|_| Status::cancelled("the client is gone")),
+        }
+    }
+}
+
+impl<T> ResponseSink<T> {
+    fn shmesh(call: AsyncServerStream) -> Self {
         ResponseSink {
-            call,
-            buf: Vec::new(),
-            _message: PhantomData,
+            inner: Outgoing::Shmesh {
+                call,
+                buf: Vec::new(),
+                _message: PhantomData,
+            },
         }
     }
 
-    /// Sends one response, waiting while the client has not granted the
-    /// credit for it.
-    pub async fn send(&mut self, message: &T) -> Result<(), Status> {
-        send(&mut self.call, &mut self.buf, message).await
-    }
-
-    /// Whether the client cancelled the call.
-    pub fn is_cancelled(&self) -> bool {
-        self.call.is_cancelled()
-    }
-
-    /// Time left before the caller's deadline, if it set one.
-    pub fn remaining(&self) -> Option<Duration> {
-        self.call.remaining()
+    /// A sink into tonic's response stream.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(tx: tokio::sync::mpsc::Sender<Result<T, tonic::Status>>) -> Self {
+        ResponseSink {
+            inner: Outgoing::Grpc(tx),
+        }
     }
 }
 
-/// Encodes `message` into `buf` (reused between messages) and sends it.
-async fn send<T: prost::Message>(
-    call: &mut AsyncServerStream,
-    buf: &mut Vec<u8>,
-    message: &T,
-) -> Result<(), Status> {
-    buf.clear();
-    message
-        .encode(buf)
-        .map_err(|e| Status::internal(format!("cannot encode a response: {e}")))?;
-    call.send(buf).await
+impl<T: prost::Message + Clone> ResponseSink<T> {
+    /// Sends one response, waiting while the client has not granted the
+    /// credit for it.
+    pub async fn send(&mut self, message: &T) -> Result<(), Status> {
+        self.inner.send(message).await
+    }
 }
 
 /// The requests of a client-streaming call, read one at a time.
 #[derive(Debug)]
 pub struct RequestStream<T> {
-    call: Arc<tokio::sync::Mutex<AsyncServerStream>>,
-    peer: PeerCredentials,
+    inner: Incoming<T>,
+    peer: Option<PeerCredentials>,
     remaining: Option<Duration>,
-    request_type: &'static str,
-    _message: PhantomData<fn() -> T>,
+}
+
+/// Where requests come from.
+#[derive(Debug)]
+pub(crate) enum Incoming<T> {
+    /// A shmesh call, shared with the reply sent after the handler.
+    Shmesh {
+        call: Arc<tokio::sync::Mutex<AsyncServerStream>>,
+        request_type: &'static str,
+        _message: PhantomData<fn() -> T>,
+    },
+    /// tonic's decoded stream.
+    #[cfg(feature = "tonic")]
+    Grpc(Box<tonic::Streaming<T>>),
 }
 
 impl<T: prost::Message + Default> RequestStream<T> {
-    /// The next request; `None` once the client has sent its last.
-    pub async fn message(&mut self) -> Result<Option<T>, Status> {
-        match self.call.lock().await.recv().await? {
-            Some(message) => decode(&message, self.request_type).map(Some),
-            None => Ok(None),
+    /// Requests from tonic's stream.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(stream: tonic::Streaming<T>) -> Self {
+        RequestStream {
+            inner: Incoming::Grpc(Box::new(stream)),
+            peer: None,
+            remaining: None,
         }
     }
 
-    /// The credentials of the calling process.
-    pub fn peer(&self) -> PeerCredentials {
+    /// The next request; `None` once the client has sent its last.
+    pub async fn message(&mut self) -> Result<Option<T>, Status> {
+        match &mut self.inner {
+            Incoming::Shmesh {
+                call, request_type, ..
+            } => match call.lock().await.recv().await? {
+                Some(message) => decode(&message, request_type).map(Some),
+                None => Ok(None),
+            },
+            #[cfg(feature = "tonic")]
+            Incoming::Grpc(stream) => stream.message().await.map_err(crate::grpc::from_tonic),
+        }
+    }
+
+    /// The credentials of the calling process (`None` over gRPC).
+    pub fn peer(&self) -> Option<PeerCredentials> {
         self.peer
     }
 
@@ -226,43 +286,89 @@ impl<T: prost::Message + Default> RequestStream<T> {
 /// send responses, in any order.
 #[derive(Debug)]
 pub struct BidiStream<Req, Resp> {
-    call: AsyncServerStream,
-    buf: Vec<u8>,
-    request_type: &'static str,
-    _messages: PhantomData<fn(&Resp) -> Req>,
+    inner: Bidi<Req, Resp>,
 }
 
-impl<Req: prost::Message + Default, Resp: prost::Message> BidiStream<Req, Resp> {
-    fn new(call: AsyncServerStream, request_type: &'static str) -> Self {
+#[derive(Debug)]
+enum Bidi<Req, Resp> {
+    Shmesh {
+        call: AsyncServerStream,
+        buf: Vec<u8>,
+        request_type: &'static str,
+        _messages: PhantomData<fn(&Resp) -> Req>,
+    },
+    #[cfg(feature = "tonic")]
+    Grpc {
+        incoming: Box<tonic::Streaming<Req>>,
+        outgoing: Outgoing<Resp>,
+    },
+}
+
+impl<Req, Resp> BidiStream<Req, Resp> {
+    /// A call over tonic's streams.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(
+        incoming: tonic::Streaming<Req>,
+        outgoing: tokio::sync::mpsc::Sender<Result<Resp, tonic::Status>>,
+    ) -> Self {
         BidiStream {
-            call,
-            buf: Vec::new(),
-            request_type,
-            _messages: PhantomData,
+            inner: Bidi::Grpc {
+                incoming: Box::new(incoming),
+                outgoing: Outgoing::Grpc(outgoing),
+            },
         }
     }
+}
 
+impl<Req: prost::Message + Default, Resp: prost::Message + Clone> BidiStream<Req, Resp> {
     /// The next request; `None` once the client has sent its last.
     pub async fn message(&mut self) -> Result<Option<Req>, Status> {
-        match self.call.recv().await? {
-            Some(message) => decode(&message, self.request_type).map(Some),
-            None => Ok(None),
+        match &mut self.inner {
+            Bidi::Shmesh {
+                call, request_type, ..
+            } => match call.recv().await? {
+                Some(message) => decode(&message, request_type).map(Some),
+                None => Ok(None),
+            },
+            #[cfg(feature = "tonic")]
+            Bidi::Grpc { incoming, .. } => {
+                incoming.message().await.map_err(crate::grpc::from_tonic)
+            }
         }
     }
 
     /// Sends one response, waiting while the client has not granted the
     /// credit for it.
     pub async fn send(&mut self, message: &Resp) -> Result<(), Status> {
-        send(&mut self.call, &mut self.buf, message).await
+        match &mut self.inner {
+            Bidi::Shmesh { call, buf, .. } => {
+                buf.clear();
+                message
+                    .encode(buf)
+                    .map_err(|e| Status::internal(format!("cannot encode a response: {e}")))?;
+                call.send(buf).await
+            }
+            #[cfg(feature = "tonic")]
+            Bidi::Grpc { outgoing, .. } => outgoing.send(message).await,
+        }
     }
 
-    /// The credentials of the calling process.
-    pub fn peer(&self) -> PeerCredentials {
-        self.call.peer()
+    /// The credentials of the calling process (`None` over gRPC).
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        match &self.inner {
+            Bidi::Shmesh { call, .. } => Some(call.peer()),
+            #[cfg(feature = "tonic")]
+            Bidi::Grpc { .. } => None,
+        }
     }
 
-    /// Time left before the caller's deadline, if it set one.
+    /// Time left before the caller's deadline, if it set one (`None` over
+    /// gRPC).
     pub fn remaining(&self) -> Option<Duration> {
-        self.call.remaining()
+        match &self.inner {
+            Bidi::Shmesh { call, .. } => call.remaining(),
+            #[cfg(feature = "tonic")]
+            Bidi::Grpc { .. } => None,
+        }
     }
 }
