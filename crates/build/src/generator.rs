@@ -197,6 +197,24 @@ impl Generator {
             )
         };
         let flavour = if blocking { "A blocking" } else { "An async" };
+        // With gRPC, the async client calls through a transport picked from
+        // the address's scheme.
+        let grpc = self.grpc && !blocking;
+        let (channel, error, call, scheme_doc) = if grpc {
+            (
+                format!("{rt}::grpc::Transport"),
+                format!("{rt}::grpc::ConnectError"),
+                format!("{rt}::grpc::call_"),
+                "`shm://@name`, or `http://host:port` for gRPC",
+            )
+        } else {
+            (
+                format!("{rt}::shmesh::{channel}"),
+                format!("{rt}::shmesh::client::ChannelError"),
+                format!("{rt}::{calls}::"),
+                "`shm://@name`",
+            )
+        };
         emit!(buf, "/// {flavour} client of the `{name}` service.");
         emit!(buf, "pub mod {mod_name} {{");
         docs(
@@ -207,7 +225,7 @@ impl Generator {
         );
         emit!(buf, "    #[derive(Debug, Clone)]");
         emit!(buf, "    pub struct {ty} {{");
-        emit!(buf, "        channel: {rt}::shmesh::{channel},");
+        emit!(buf, "        channel: {channel},");
         emit!(
             buf,
             "        timeout: ::core::option::Option<::core::time::Duration>,"
@@ -220,16 +238,16 @@ impl Generator {
         );
         emit!(
             buf,
-            "        /// `shm://@name`); fails if the server serves another service or another"
+            "        /// {scheme_doc}); fails if the server serves another service or another"
         );
         emit!(buf, "        /// version of its schema.");
         emit!(
             buf,
-            "        pub {asyncs}fn connect(address: &str) -> ::core::result::Result<Self, {rt}::shmesh::client::ChannelError> {{"
+            "        pub {asyncs}fn connect(address: &str) -> ::core::result::Result<Self, {error}> {{"
         );
         emit!(
             buf,
-            "            let channel = {rt}::shmesh::{channel}::connect(address, &super::{module}_schema::channel_options()){awaits}?;"
+            "            let channel = {channel}::connect(address, &super::{module}_schema::channel_options()){awaits}?;"
         );
         emit!(
             buf,
@@ -244,10 +262,7 @@ impl Generator {
             buf,
             "        /// [`super::{module}_schema::channel_options`])."
         );
-        emit!(
-            buf,
-            "        pub fn new(channel: {rt}::shmesh::{channel}) -> Self {{"
-        );
+        emit!(buf, "        pub fn new(channel: {channel}) -> Self {{");
         emit!(
             buf,
             "            Self {{ channel, timeout: ::core::option::Option::None }}"
@@ -269,10 +284,7 @@ impl Generator {
         emit!(buf, "            self");
         emit!(buf, "        }}");
         emit!(buf, "        /// The channel underneath.");
-        emit!(
-            buf,
-            "        pub fn channel(&self) -> &{rt}::shmesh::{channel} {{"
-        );
+        emit!(buf, "        pub fn channel(&self) -> &{channel} {{");
         emit!(buf, "            &self.channel");
         emit!(buf, "        }}");
         for m in &service.methods {
@@ -284,6 +296,12 @@ impl Generator {
             let id = format!("super::{module}_schema::{}", m.name.to_shouty_snake_case());
             let out_name = proto_name(&m.output_proto_type);
             let status = format!("{rt}::shmesh::status::Status");
+            // gRPC's path of the method, passed only to transport calls.
+            let path = if grpc {
+                format!("\"/{name}/{}\", ", m.proto_name)
+            } else {
+                String::new()
+            };
             docs(
                 buf,
                 &m.comments,
@@ -299,7 +317,7 @@ impl Generator {
                     );
                     emit!(
                         buf,
-                        "            {rt}::{calls}::unary(&self.channel, {id}, request.borrow(), self.timeout, \"{out_name}\"){awaits}"
+                        "            {call}unary(&self.channel, {id}, {path}request.borrow(), self.timeout, \"{out_name}\"){awaits}"
                     );
                 }
                 Kind::ServerStreaming => {
@@ -310,7 +328,7 @@ impl Generator {
                     );
                     emit!(
                         buf,
-                        "            {rt}::{calls}::server_streaming(&self.channel, {id}, request.borrow(), self.timeout, \"{out_name}\"){awaits}"
+                        "            {call}server_streaming(&self.channel, {id}, {path}request.borrow(), self.timeout, \"{out_name}\"){awaits}"
                     );
                 }
                 Kind::ClientStreaming => {
@@ -321,7 +339,7 @@ impl Generator {
                     );
                     emit!(
                         buf,
-                        "            {rt}::{calls}::client_streaming(&self.channel, {id}, self.timeout, \"{out_name}\")"
+                        "            {call}client_streaming(&self.channel, {id}, {path}self.timeout, \"{out_name}\")"
                     );
                 }
                 Kind::Bidi => {
@@ -332,7 +350,7 @@ impl Generator {
                     );
                     emit!(
                         buf,
-                        "            {rt}::{calls}::bidi_streaming(&self.channel, {id}, self.timeout, \"{out_name}\")"
+                        "            {call}bidi_streaming(&self.channel, {id}, {path}self.timeout, \"{out_name}\")"
                     );
                 }
             }

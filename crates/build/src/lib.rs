@@ -44,7 +44,10 @@
 //!   (`into_router`) or binds a `Server` at an address (`bind`).
 //! - with [`Builder::grpc`], also `greeter_server::GreeterGrpcServer`
 //!   (from `GreeterServer::into_grpc`): the same trait implementation as a
-//!   tonic service, to serve over gRPC (HTTP/2, TCP) beside shmesh.
+//!   tonic service, to serve over gRPC (HTTP/2, TCP) beside shmesh; and
+//!   the async `GreeterClient` connects through a transport picked from the
+//!   address's scheme: `shm://` for shmesh, `http://` or `https://` for
+//!   gRPC (the blocking client stays shmesh-only).
 //!
 //! The runtime types named there live in the `shmesh-protobuf` crate.
 
@@ -128,8 +131,9 @@ impl Builder {
     /// Whether each server also gets a gRPC front-end (default: no):
     /// `FooServer::into_grpc` turns it into a `FooGrpcServer`, a tonic
     /// service to add to a `tonic::transport::Server`, serving the same
-    /// trait implementation over HTTP/2. Needs `shmesh-protobuf`'s `tonic`
-    /// feature.
+    /// trait implementation over HTTP/2; and the async client connects
+    /// over gRPC to `http://` and `https://` addresses (over shmesh to
+    /// `shm://` ones). Needs `shmesh-protobuf`'s `tonic` feature.
     pub fn grpc(mut self, enable: bool) -> Self {
         self.grpc = enable;
         self

@@ -83,9 +83,11 @@ pub fn client_streaming<Req, Resp>(
     response_type: &'static str,
 ) -> Result<ClientStreaming<Req, Resp>, Status> {
     Ok(ClientStreaming {
-        sender: Sender::new(channel, method, timeout)?,
-        response_type,
-        _response: PhantomData,
+        inner: Upstream::Shmesh {
+            sender: Sender::new(channel, method, timeout)?,
+            response_type,
+            _response: PhantomData,
+        },
     })
 }
 
@@ -98,9 +100,12 @@ pub fn bidi_streaming<Req, Resp>(
     response_type: &'static str,
 ) -> Result<BidiStreaming<Req, Resp>, Status> {
     Ok(BidiStreaming {
-        sender: Sender::new(channel, method, timeout)?,
-        response_type,
-        _response: PhantomData,
+        sender: Upstream::Shmesh {
+            sender: Sender::new(channel, method, timeout)?,
+            response_type,
+            _response: PhantomData,
+        },
+        responses: None,
     })
 }
 
@@ -136,9 +141,18 @@ impl<Req: prost::Message> Sender<Req> {
 /// the call.
 #[derive(Debug)]
 pub struct Streaming<T> {
-    call: AsyncCall,
-    response_type: &'static str,
-    _message: PhantomData<fn() -> T>,
+    inner: Downstream<T>,
+}
+
+#[derive(Debug)]
+enum Downstream<T> {
+    Shmesh {
+        call: AsyncCall,
+        response_type: &'static str,
+        _message: PhantomData<fn() -> T>,
+    },
+    #[cfg(feature = "tonic")]
+    Grpc(Box<tonic::Streaming<T>>),
 }
 
 impl<T: prost::Message + Default> Streaming<T> {
@@ -146,24 +160,80 @@ impl<T: prost::Message + Default> Streaming<T> {
     /// `call`.
     pub fn new(call: AsyncCall, response_type: &'static str) -> Self {
         Streaming {
-            call,
-            response_type,
-            _message: PhantomData,
+            inner: Downstream::Shmesh {
+                call,
+                response_type,
+                _message: PhantomData,
+            },
+        }
+    }
+
+    /// Reads the responses of a gRPC call.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(stream: tonic::Streaming<T>) -> Self {
+        Streaming {
+            inner: Downstream::Grpc(Box::new(stream)),
         }
     }
 
     /// The next response; `None` once the call has ended successfully,
     /// its status if it failed.
     pub async fn message(&mut self) -> Result<Option<T>, Status> {
-        match self.call.recv().await? {
-            Some(response) => decode(&response, self.response_type).map(Some),
-            None => Ok(None),
+        match &mut self.inner {
+            Downstream::Shmesh {
+                call,
+                response_type,
+                ..
+            } => match call.recv().await? {
+                Some(response) => decode(&response, response_type).map(Some),
+                None => Ok(None),
+            },
+            #[cfg(feature = "tonic")]
+            Downstream::Grpc(stream) => stream.message().await.map_err(crate::grpc::from_tonic),
+        }
+    }
+}
+
+/// The sending side of a client-streaming or bidirectional call.
+#[derive(Debug)]
+enum Upstream<Req, Resp> {
+    Shmesh {
+        sender: Sender<Req>,
+        response_type: &'static str,
+        _response: PhantomData<fn() -> Resp>,
+    },
+    /// Requests go into tonic's request stream; the call runs as a task.
+    #[cfg(feature = "tonic")]
+    Grpc {
+        tx: Option<tokio::sync::mpsc::Sender<Req>>,
+        call: Option<tokio::task::JoinHandle<Result<crate::grpc::Reply<Resp>, Status>>>,
+    },
+}
+
+impl<Req: prost::Message + Clone, Resp> Upstream<Req, Resp> {
+    async fn send(&mut self, message: &Req) -> Result<(), Status> {
+        match self {
+            Upstream::Shmesh { sender, .. } => sender.send(message).await,
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc { tx, .. } => match tx {
+                Some(tx) => tx
+                    .send(message.clone())
+                    .await
+                    .map_err(|_| Status::cancelled("the call has ended")),
+                None => Err(Status::failed_precondition("the sending side is closed")),
+            },
         }
     }
 
-    /// The untyped call underneath.
-    pub fn into_inner(self) -> AsyncCall {
-        self.call
+    fn close_send(&mut self) -> Result<(), Status> {
+        match self {
+            Upstream::Shmesh { sender, .. } => sender.call.close_send(),
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc { tx, .. } => {
+                *tx = None;
+                Ok(())
+            }
+        }
     }
 }
 
@@ -172,22 +242,54 @@ impl<T: prost::Message + Default> Streaming<T> {
 /// call.
 #[derive(Debug)]
 pub struct ClientStreaming<Req, Resp> {
-    sender: Sender<Req>,
-    response_type: &'static str,
-    _response: PhantomData<fn() -> Resp>,
+    inner: Upstream<Req, Resp>,
 }
 
-impl<Req: prost::Message, Resp: prost::Message + Default> ClientStreaming<Req, Resp> {
+impl<Req, Resp> ClientStreaming<Req, Resp> {
+    /// A client-streaming gRPC call running as `call`, fed by `tx`.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(
+        tx: tokio::sync::mpsc::Sender<Req>,
+        call: tokio::task::JoinHandle<Result<crate::grpc::Reply<Resp>, Status>>,
+    ) -> Self {
+        ClientStreaming {
+            inner: Upstream::Grpc {
+                tx: Some(tx),
+                call: Some(call),
+            },
+        }
+    }
+}
+
+impl<Req: prost::Message + Clone, Resp: prost::Message + Default> ClientStreaming<Req, Resp> {
     /// Sends one request, awaiting the server's credit when the window is
     /// full.
     pub async fn send(&mut self, message: &Req) -> Result<(), Status> {
-        self.sender.send(message).await
+        self.inner.send(message).await
     }
 
     /// Closes the sending side and awaits the server's one response.
     pub async fn finish(self) -> Result<Resp, Status> {
-        let response = self.sender.call.finish().await?;
-        decode(&response, self.response_type)
+        match self.inner {
+            Upstream::Shmesh {
+                sender,
+                response_type,
+                ..
+            } => {
+                let response = sender.call.finish().await?;
+                decode(&response, response_type)
+            }
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc { tx, call } => {
+                drop(tx);
+                match crate::grpc::joined(call).await? {
+                    crate::grpc::Reply::One(reply) => Ok(reply),
+                    crate::grpc::Reply::Stream(_) => {
+                        Err(Status::internal("a stream where one response was due"))
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -196,12 +298,29 @@ impl<Req: prost::Message, Resp: prost::Message + Default> ClientStreaming<Req, R
 /// Dropping it before the end cancels the call.
 #[derive(Debug)]
 pub struct BidiStreaming<Req, Resp> {
-    sender: Sender<Req>,
-    response_type: &'static str,
-    _response: PhantomData<fn() -> Resp>,
+    sender: Upstream<Req, Resp>,
+    /// Over gRPC, the responses once the call's task has them.
+    responses: Option<Streaming<Resp>>,
 }
 
-impl<Req: prost::Message, Resp: prost::Message + Default> BidiStreaming<Req, Resp> {
+impl<Req, Resp> BidiStreaming<Req, Resp> {
+    /// A bidirectional gRPC call running as `call`, fed by `tx`.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(
+        tx: tokio::sync::mpsc::Sender<Req>,
+        call: tokio::task::JoinHandle<Result<crate::grpc::Reply<Resp>, Status>>,
+    ) -> Self {
+        BidiStreaming {
+            sender: Upstream::Grpc {
+                tx: Some(tx),
+                call: Some(call),
+            },
+            responses: None,
+        }
+    }
+}
+
+impl<Req: prost::Message + Clone, Resp: prost::Message + Default> BidiStreaming<Req, Resp> {
     /// Sends one request, awaiting the server's credit when the window is
     /// full.
     pub async fn send(&mut self, message: &Req) -> Result<(), Status> {
@@ -210,15 +329,36 @@ impl<Req: prost::Message, Resp: prost::Message + Default> BidiStreaming<Req, Res
 
     /// Closes the sending side: the server sees the end of its requests.
     pub fn close_send(&mut self) -> Result<(), Status> {
-        self.sender.call.close_send()
+        self.sender.close_send()
     }
 
     /// The next response; `None` once the call has ended successfully,
     /// its status if it failed.
     pub async fn message(&mut self) -> Result<Option<Resp>, Status> {
-        match self.sender.call.recv().await? {
-            Some(response) => decode(&response, self.response_type).map(Some),
-            None => Ok(None),
+        if let Some(responses) = &mut self.responses {
+            return responses.message().await;
+        }
+        match &mut self.sender {
+            Upstream::Shmesh {
+                sender,
+                response_type,
+                ..
+            } => match sender.call.recv().await? {
+                Some(response) => decode(&response, response_type).map(Some),
+                None => Ok(None),
+            },
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc { call, .. } => {
+                let responses = match crate::grpc::joined(call.take()).await? {
+                    crate::grpc::Reply::Stream(stream) => Streaming {
+                        inner: Downstream::Grpc(stream),
+                    },
+                    crate::grpc::Reply::One(_) => {
+                        return Err(Status::internal("one response where a stream was due"));
+                    }
+                };
+                self.responses.insert(responses).message().await
+            }
         }
     }
 }

@@ -1,19 +1,29 @@
-//! The same service traits served over gRPC with tonic (feature `tonic`):
-//! what a generated `FooGrpcServer` calls for each method. Over gRPC,
-//! [`Request::peer`] is `None` and deadlines are tonic's business.
+//! gRPC with tonic (feature `tonic`), beside shmesh.
+//!
+//! - Serving: the same service traits over gRPC: what a generated
+//!   `FooGrpcServer` calls for each method. Over gRPC, [`Request::peer`]
+//!   is `None` and deadlines are tonic's business.
+//! - Calling: a [`Transport`] picked from the address's scheme (`shm://`
+//!   for shmesh, `http://` or `https://` for gRPC), which a generated async
+//!   client built with `grpc(true)` calls through.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
 
+use shmesh::asynchronous::AsyncChannel;
+use shmesh::client::{ChannelError, ChannelOptions};
 use shmesh::status::{Code, Status};
 pub use tonic;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{BoxFuture, StdError, http};
 use tonic_prost::ProstCodec;
 
 use crate::Request;
+use crate::client;
 use crate::server::{BidiStream, RequestStream, ResponseSink};
 
 /// What a generated gRPC service's `call` returns.
@@ -257,4 +267,233 @@ where
             )
             .await)
     })
+}
+
+/// Where a generated client's calls go: a shmesh channel or a gRPC one.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// shmesh, for `shm://` addresses.
+    Shmesh(AsyncChannel),
+    /// gRPC over HTTP/2, for `http://` and `https://` addresses.
+    Grpc(tonic::client::Grpc<tonic::transport::Channel>),
+}
+
+/// Connecting a [`Transport`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The address is neither `shm://` nor `http(s)://`.
+    #[error("cannot tell the transport of {0:?}: expected shm://, http:// or https://")]
+    Scheme(String),
+    /// Connecting over shmesh failed (a schema mismatch included).
+    #[error(transparent)]
+    Shmesh(#[from] ChannelError),
+    /// Connecting over gRPC failed.
+    #[error("cannot connect over gRPC: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+impl Transport {
+    /// Connects to `address`: over shmesh with `options` for `shm://`
+    /// addresses, over gRPC for `http://` and `https://` ones.
+    pub async fn connect(address: &str, options: &ChannelOptions) -> Result<Self, ConnectError> {
+        if address.starts_with("shm://") {
+            Ok(Transport::Shmesh(
+                AsyncChannel::connect(address, options).await?,
+            ))
+        } else if address.starts_with("http://") || address.starts_with("https://") {
+            let channel = tonic::transport::Endpoint::from_shared(address.to_owned())?
+                .connect()
+                .await?;
+            Ok(Transport::Grpc(tonic::client::Grpc::new(channel)))
+        } else {
+            Err(ConnectError::Scheme(address.to_owned()))
+        }
+    }
+}
+
+/// What a streaming gRPC call's task ends with.
+#[derive(Debug)]
+pub(crate) enum Reply<Resp> {
+    /// A client-streaming call's one response.
+    One(Resp),
+    /// A bidirectional call's responses.
+    Stream(Box<tonic::Streaming<Resp>>),
+}
+
+/// The result of a streaming gRPC call's task.
+pub(crate) async fn joined<T>(
+    call: Option<tokio::task::JoinHandle<Result<T, Status>>>,
+) -> Result<T, Status> {
+    match call {
+        Some(call) => call
+            .await
+            .map_err(|e| Status::internal(format!("the gRPC call's task failed: {e}")))?,
+        None => Err(Status::failed_precondition("the call has ended")),
+    }
+}
+
+/// A gRPC channel ready for a call.
+async fn ready(
+    grpc: &tonic::client::Grpc<tonic::transport::Channel>,
+) -> Result<tonic::client::Grpc<tonic::transport::Channel>, Status> {
+    let mut grpc = grpc.clone();
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("the gRPC channel is not ready: {e}")))?;
+    Ok(grpc)
+}
+
+/// A gRPC request carrying `message` and the call's `timeout`.
+fn grpc_request<T>(message: T, timeout: Option<Duration>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    request
+}
+
+/// The task that runs a streaming gRPC call, with the runtime it runs on.
+fn spawn_call<Resp: Send + 'static>(
+    call: impl Future<Output = Result<Reply<Resp>, Status>> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<Result<Reply<Resp>, Status>>, Status> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| Status::failed_precondition("a gRPC stream needs a tokio runtime"))?;
+    Ok(runtime.spawn(call))
+}
+
+/// A unary call over `transport`: shmesh's method id `method`, gRPC's
+/// `path`.
+pub async fn call_unary<Req, Resp>(
+    transport: &Transport,
+    method: u32,
+    path: &'static str,
+    request: &Req,
+    timeout: Option<Duration>,
+    response_type: &'static str,
+) -> Result<Resp, Status>
+where
+    Req: prost::Message + Clone + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    match transport {
+        Transport::Shmesh(channel) => {
+            crate::client::unary(channel, method, request, timeout, response_type).await
+        }
+        Transport::Grpc(grpc) => ready(grpc)
+            .await?
+            .unary(
+                grpc_request(request.clone(), timeout),
+                PathAndQuery::from_static(path),
+                ProstCodec::<Req, Resp>::default(),
+            )
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(from_tonic),
+    }
+}
+
+/// A server-streaming call over `transport`.
+pub async fn call_server_streaming<Req, Resp>(
+    transport: &Transport,
+    method: u32,
+    path: &'static str,
+    request: &Req,
+    timeout: Option<Duration>,
+    response_type: &'static str,
+) -> Result<client::Streaming<Resp>, Status>
+where
+    Req: prost::Message + Clone + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    match transport {
+        Transport::Shmesh(channel) => {
+            crate::client::server_streaming(channel, method, request, timeout, response_type).await
+        }
+        Transport::Grpc(grpc) => {
+            let stream = ready(grpc)
+                .await?
+                .server_streaming(
+                    grpc_request(request.clone(), timeout),
+                    PathAndQuery::from_static(path),
+                    ProstCodec::<Req, Resp>::default(),
+                )
+                .await
+                .map_err(from_tonic)?;
+            Ok(client::Streaming::grpc(stream.into_inner()))
+        }
+    }
+}
+
+/// A client-streaming call over `transport` (over gRPC, run as a task on
+/// the current tokio runtime).
+pub fn call_client_streaming<Req, Resp>(
+    transport: &Transport,
+    method: u32,
+    path: &'static str,
+    timeout: Option<Duration>,
+    response_type: &'static str,
+) -> Result<client::ClientStreaming<Req, Resp>, Status>
+where
+    Req: prost::Message + Clone + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    match transport {
+        Transport::Shmesh(channel) => {
+            crate::client::client_streaming(channel, method, timeout, response_type)
+        }
+        Transport::Grpc(grpc) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+            let grpc = grpc.clone();
+            let call = spawn_call(async move {
+                let reply = ready(&grpc)
+                    .await?
+                    .client_streaming(
+                        grpc_request(ReceiverStream::new(rx), timeout),
+                        PathAndQuery::from_static(path),
+                        ProstCodec::<Req, Resp>::default(),
+                    )
+                    .await
+                    .map_err(from_tonic)?;
+                Ok(Reply::One(reply.into_inner()))
+            })?;
+            Ok(client::ClientStreaming::grpc(tx, call))
+        }
+    }
+}
+
+/// A bidirectional-streaming call over `transport` (over gRPC, run as a
+/// task on the current tokio runtime).
+pub fn call_bidi_streaming<Req, Resp>(
+    transport: &Transport,
+    method: u32,
+    path: &'static str,
+    timeout: Option<Duration>,
+    response_type: &'static str,
+) -> Result<client::BidiStreaming<Req, Resp>, Status>
+where
+    Req: prost::Message + Clone + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    match transport {
+        Transport::Shmesh(channel) => {
+            crate::client::bidi_streaming(channel, method, timeout, response_type)
+        }
+        Transport::Grpc(grpc) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+            let grpc = grpc.clone();
+            let call = spawn_call(async move {
+                let responses = ready(&grpc)
+                    .await?
+                    .streaming(
+                        grpc_request(ReceiverStream::new(rx), timeout),
+                        PathAndQuery::from_static(path),
+                        ProstCodec::<Req, Resp>::default(),
+                    )
+                    .await
+                    .map_err(from_tonic)?;
+                Ok(Reply::Stream(Box::new(responses.into_inner())))
+            })?;
+            Ok(client::BidiStreaming::grpc(tx, call))
+        }
+    }
 }

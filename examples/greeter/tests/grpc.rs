@@ -1,6 +1,6 @@
 //! One Greeter implementation served at once over shmesh and over gRPC
-//! (tonic, TCP), called by the generated shmesh client and by a stock
-//! tonic client.
+//! (tonic, TCP), called by the generated client over either transport and
+//! by a stock tonic client.
 // Test helpers outside #[test] functions unwrap too: a failure is the test's.
 #![allow(clippy::unwrap_used)]
 
@@ -116,6 +116,19 @@ async fn one_implementation_serves_shmesh_and_grpc_at_once() {
     let status = stream.message().await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
 
-    assert_eq!(greeter.calls.load(Ordering::SeqCst), 2);
+    // The generated client over gRPC: the address picks the transport.
+    let over_grpc = GreeterClient::connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let reply = over_grpc
+        .say_hello(HelloRequest {
+            name: "generated".into(),
+            times: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.message, "Hello generated! (3, grpc)");
+
+    assert_eq!(greeter.calls.load(Ordering::SeqCst), 3);
     grpc_server.abort();
 }

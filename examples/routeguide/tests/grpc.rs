@@ -84,3 +84,75 @@ async fn a_stock_grpc_client_makes_all_four_kinds_of_call() {
 
     server.abort();
 }
+
+/// The generated client, which picks its transport from the address.
+mod generated {
+    pub use shmesh_example_routeguide::grid_point;
+    pub use shmesh_example_routeguide::routeguide::route_guide_client::RouteGuideClient;
+    pub use shmesh_example_routeguide::routeguide::{Rectangle, RouteNote};
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_client_makes_all_four_kinds_of_call_over_either_transport() {
+    use generated::{Rectangle, RouteGuideClient, RouteNote, grid_point};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RouteGuideServer::new(RouteGuideService::default()).into_grpc())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let address = format!("shm://@shmesh-routeguide-either-{}", std::process::id());
+    let shmesh = RouteGuideServer::new(RouteGuideService::default())
+        .bind(&address)
+        .unwrap();
+    let _shmesh = shmesh::server::BackgroundServer::spawn(shmesh).unwrap();
+
+    for address in [format!("http://127.0.0.1:{port}"), address] {
+        let client = RouteGuideClient::connect(&address).await.unwrap();
+
+        let feature = client.get_feature(grid_point(3, 7)).await.unwrap();
+        assert_eq!(feature.name, "place 3-7", "{address}");
+
+        let mut features = client
+            .list_features(Rectangle {
+                lo: Some(grid_point(9, 8)),
+                hi: Some(grid_point(9, 9)),
+            })
+            .await
+            .unwrap();
+        let mut names = Vec::new();
+        while let Some(feature) = features.message().await.unwrap() {
+            names.push(feature.name);
+        }
+        assert_eq!(names, ["place 9-8", "place 9-9"], "{address}");
+
+        let mut route = client.record_route().unwrap();
+        for i in 0..4 {
+            route.send(&grid_point(i, i)).await.unwrap();
+        }
+        let summary = route.finish().await.unwrap();
+        assert_eq!((summary.point_count, summary.feature_count), (4, 4));
+
+        let mut chat = client.route_chat().unwrap();
+        let here = |message: &str| RouteNote {
+            location: Some(grid_point(2, 8)),
+            message: message.into(),
+        };
+        chat.send(&here("one")).await.unwrap();
+        chat.send(&here("two")).await.unwrap();
+        assert_eq!(chat.message().await.unwrap().unwrap().message, "one");
+        chat.close_send().unwrap();
+        assert!(chat.message().await.unwrap().is_none(), "{address}");
+    }
+    server.abort();
+}
+
+#[tokio::test]
+async fn an_address_of_no_known_scheme_is_refused() {
+    let error = generated::RouteGuideClient::connect("ftp://example")
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("ftp://example"), "{error}");
+}

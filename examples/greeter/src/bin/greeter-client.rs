@@ -10,7 +10,8 @@ use shmesh_example_greeter::helloworld::greeter_client::GreeterClient;
 #[derive(Debug, Parser)]
 #[command(about = "Greet through a helloworld.Greeter server over shared memory")]
 struct Args {
-    /// The server's address: shm:///path/to.sock or shm://@abstract-name.
+    /// The server's address: shm:///path/to.sock or shm://@abstract-name,
+    /// or http://host:port for its gRPC front-end.
     #[arg(long, default_value = DEFAULT_ADDRESS)]
     address: String,
     /// How many greetings to ask for on a stream after the first.
