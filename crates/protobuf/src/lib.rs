@@ -1,0 +1,192 @@
+//! The runtime of the code [`shmesh-build`] generates from `.proto` files:
+//! typed clients and servers over shmesh whose messages are
+//! [prost](https://docs.rs/prost) messages.
+//!
+//! Add this crate as a normal dependency and `shmesh-build` as a
+//! build-dependency; the generated code refers to this crate only (it
+//! re-exports [`prost`] and [`shmesh`]), so those need not be direct
+//! dependencies.
+//!
+//! - [`client`]: the async client side, over
+//!   [`AsyncChannel`](shmesh::asynchronous::AsyncChannel);
+//! - [`blocking`]: the same over the blocking
+//!   [`Channel`](shmesh::client::Channel);
+//! - [`server`]: the server side, mounted on a
+//!   [`Router`](shmesh::server::Router) with async handlers;
+//! - `grpc` (feature `tonic`): the same service traits served over gRPC
+//!   with tonic;
+//! - [`Request`]: a message with the call's metadata (the caller's
+//!   credentials, the time left before its deadline).
+//!
+//! Messages are encoded straight into a loaned request buffer in shared
+//! memory ([`encode_into`]) and decoded straight from the response's bytes
+//! in place ([`decode`]); a message that does not decode is
+//! [`Code::Internal`](shmesh::status::Code::Internal), naming its type.
+//!
+//! [`shmesh-build`]: https://example.invalid/shmesh
+
+#![forbid(unsafe_code)]
+
+pub mod blocking;
+pub mod client;
+#[cfg(feature = "tonic")]
+pub mod grpc;
+pub mod server;
+
+use std::time::{Duration, Instant};
+
+pub use prost;
+pub use shmesh;
+use shmesh::PeerCredentials;
+use shmesh::status::Status;
+
+/// A message with the metadata of the call it came with.
+///
+/// On the server, [`Request::peer`] is the calling process's credentials
+/// (from the kernel, unforgeable) and [`Request::remaining`] the time left
+/// before the caller's deadline.
+#[derive(Debug, Clone)]
+pub struct Request<T> {
+    message: T,
+    peer: Option<PeerCredentials>,
+    deadline: Option<Instant>,
+}
+
+impl<T> Request<T> {
+    /// A request carrying `message` and no metadata.
+    pub fn new(message: T) -> Self {
+        Request {
+            message,
+            peer: None,
+            deadline: None,
+        }
+    }
+
+    /// A request carrying `message` from `peer`, with `remaining` time
+    /// before its deadline (counted from now).
+    pub fn from_parts(message: T, peer: PeerCredentials, remaining: Option<Duration>) -> Self {
+        Request {
+            message,
+            peer: Some(peer),
+            deadline: remaining.map(|r| Instant::now() + r),
+        }
+    }
+
+    /// The message.
+    pub fn get_ref(&self) -> &T {
+        &self.message
+    }
+
+    /// The message, to change.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.message
+    }
+
+    /// The message, without the metadata.
+    pub fn into_inner(self) -> T {
+        self.message
+    }
+
+    /// The credentials of the calling process (`None` on a request not
+    /// received from a peer).
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.peer
+    }
+
+    /// Time left before the caller's deadline, if it set one (zero once it
+    /// has passed).
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// Decodes a `T` (whose protobuf name is `type_name`, used in the error)
+/// from `bytes`, read in place. A failure is `Internal`, naming the type.
+pub fn decode<T: prost::Message + Default>(bytes: &[u8], type_name: &str) -> Result<T, Status> {
+    T::decode(bytes).map_err(|e| {
+        Status::internal(format!(
+            "cannot decode a {type_name} from {} bytes: {e}",
+            bytes.len()
+        ))
+    })
+}
+
+/// Encodes `message` into `buf`, which must be exactly
+/// `message.encoded_len()` bytes long (a loaned buffer is).
+pub fn encode_into<T: prost::Message>(message: &T, buf: &mut [u8]) -> Result<(), Status> {
+    let len = buf.len();
+    let mut out = buf;
+    message
+        .encode(&mut out)
+        .map_err(|e| Status::internal(format!("cannot encode a message into {len} bytes: {e}")))?;
+    if !out.is_empty() {
+        return Err(Status::internal(format!(
+            "the message took {} of the {len} bytes its encoded length promised",
+            len - out.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shmesh::status::Code;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Greeting {
+        #[prost(string, tag = "1")]
+        name: String,
+    }
+
+    #[test]
+    fn encode_into_then_decode_round_trips() {
+        let greeting = Greeting {
+            name: "world".into(),
+        };
+        let mut buf = vec![0; prost::Message::encoded_len(&greeting)];
+        encode_into(&greeting, &mut buf).unwrap();
+        assert_eq!(decode::<Greeting>(&buf, "test.Greeting").unwrap(), greeting);
+    }
+
+    #[test]
+    fn encode_into_a_wrong_size_fails() {
+        let greeting = Greeting {
+            name: "world".into(),
+        };
+        let len = prost::Message::encoded_len(&greeting);
+        let mut short = vec![0; len - 1];
+        assert_eq!(
+            encode_into(&greeting, &mut short).unwrap_err().code(),
+            Code::Internal
+        );
+        let mut long = vec![0; len + 1];
+        assert_eq!(
+            encode_into(&greeting, &mut long).unwrap_err().code(),
+            Code::Internal
+        );
+    }
+
+    #[test]
+    fn garbage_is_internal_naming_the_type() {
+        let status = decode::<Greeting>(&[0xff, 0xff, 0xff], "test.Greeting").unwrap_err();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains("test.Greeting"), "{status}");
+    }
+
+    #[test]
+    fn remaining_counts_down_from_the_deadline() {
+        let peer = PeerCredentials {
+            pid: 1,
+            uid: 2,
+            gid: 3,
+        };
+        let request = Request::from_parts(7, peer, Some(Duration::from_secs(60)));
+        assert_eq!(request.peer(), Some(peer));
+        let left = request.remaining().unwrap();
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
+        assert_eq!(Request::new(7).remaining(), None);
+        assert_eq!(request.into_inner(), 7);
+    }
+}

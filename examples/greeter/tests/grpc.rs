@@ -1,0 +1,134 @@
+//! One Greeter implementation served at once over shmesh and over gRPC
+//! (tonic, TCP), called by the generated client over either transport and
+//! by a stock tonic client.
+// Test helpers outside #[test] functions unwrap too: a failure is the test's.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use shmesh::server::BackgroundServer;
+use shmesh_example_greeter::helloworld::greeter_client::GreeterClient;
+use shmesh_example_greeter::helloworld::greeter_server::{Greeter, GreeterServer};
+use shmesh_example_greeter::helloworld::{HelloReply, HelloRequest};
+use shmesh_example_greeter::{MAX_TIMES, MyGreeter};
+use shmesh_protobuf::Request;
+use shmesh_protobuf::server::ResponseSink;
+use shmesh_protobuf::shmesh::status::Status;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// A stock tonic client of the same `.proto`.
+mod stock {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/tonic/helloworld.rs"));
+}
+
+/// [`MyGreeter`], counting the greetings it answers across transports.
+#[derive(Default)]
+struct Counting {
+    calls: AtomicU64,
+    greeter: MyGreeter,
+}
+
+impl Greeter for Counting {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<HelloReply, Status> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let transport = if request.peer().is_some() {
+            "shmesh"
+        } else {
+            "grpc"
+        };
+        let reply = self.greeter.say_hello(request).await?;
+        Ok(HelloReply {
+            message: format!("{} ({n}, {transport})", reply.message),
+        })
+    }
+
+    async fn say_hello_many_times(
+        &self,
+        request: Request<HelloRequest>,
+        responses: ResponseSink<HelloReply>,
+    ) -> Result<(), Status> {
+        self.greeter.say_hello_many_times(request, responses).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_implementation_serves_shmesh_and_grpc_at_once() {
+    let greeter = Arc::new(Counting::default());
+
+    // gRPC on a TCP port of the system's choosing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let grpc = GreeterServer::from_arc(greeter.clone()).into_grpc();
+    let grpc_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(grpc)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    // shmesh beside it.
+    let address = format!("shm://@shmesh-greeter-grpc-{}", std::process::id());
+    let server = GreeterServer::from_arc(greeter.clone())
+        .bind(&address)
+        .unwrap();
+    let _shmesh_server = BackgroundServer::spawn(server).unwrap();
+
+    let shm = GreeterClient::connect(&address).await.unwrap();
+    let mut grpc =
+        stock::greeter_client::GreeterClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+    let hello = |name: &str, times| stock::HelloRequest {
+        name: name.into(),
+        times,
+    };
+
+    let reply = shm
+        .say_hello(HelloRequest {
+            name: "shm".into(),
+            times: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.message, "Hello shm! (1, shmesh)");
+    let reply = grpc.say_hello(hello("tcp", 0)).await.unwrap().into_inner();
+    assert_eq!(reply.message, "Hello tcp! (2, grpc)");
+
+    // Server streaming over gRPC.
+    let mut stream = grpc
+        .say_hello_many_times(hello("tcp", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(reply) = stream.message().await.unwrap() {
+        got.push(reply.message);
+    }
+    assert_eq!(got, ["Hello tcp #1!", "Hello tcp #2!", "Hello tcp #3!"]);
+
+    // The handler's status reaches the gRPC client with its code.
+    let mut stream = grpc
+        .say_hello_many_times(hello("greedy", MAX_TIMES + 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+
+    // The generated client over gRPC: the address picks the transport.
+    let over_grpc = GreeterClient::connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let reply = over_grpc
+        .say_hello(HelloRequest {
+            name: "generated".into(),
+            times: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.message, "Hello generated! (3, grpc)");
+
+    assert_eq!(greeter.calls.load(Ordering::SeqCst), 3);
+    grpc_server.abort();
+}

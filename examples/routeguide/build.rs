@@ -1,0 +1,17 @@
+//! Compiles `proto/route_guide.proto` with shmesh-build (no system
+//! `protoc`), with the gRPC front-end, and, for the tests, a stock tonic
+//! client of the same service into `$OUT_DIR/tonic`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    shmesh_build::configure()
+        .grpc(true)
+        .compile_protos(&["proto/route_guide.proto"], &["proto"])?;
+
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("tonic");
+    std::fs::create_dir_all(&out_dir)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .out_dir(out_dir)
+        .compile_fds(protox::compile(["proto/route_guide.proto"], ["proto"])?)?;
+    Ok(())
+}
