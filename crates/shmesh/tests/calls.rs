@@ -160,6 +160,13 @@ fn schema_mismatch_names_both_hashes() {
         text.contains(&"07".repeat(32)) && text.contains(&"08".repeat(32)),
         "{text}"
     );
+    assert_eq!(
+        err.refusal(),
+        Some(&shmesh::RefuseReason::SchemaMismatch {
+            client: SchemaHash([8; 32]),
+            server: SCHEMA,
+        })
+    );
 }
 
 #[test]

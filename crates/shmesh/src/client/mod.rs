@@ -99,6 +99,29 @@ pub enum ChannelError {
     Thread(std::io::Error),
 }
 
+impl ChannelError {
+    /// Why the server refused the connection, if it did (a schema or
+    /// service mismatch, a version mismatch, limits, busy): for callers
+    /// that act on the reason rather than show it.
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// use shmesh::RefuseReason;
+    /// let options = ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]));
+    /// if let Err(e) = Channel::connect("shm://@echo", &options) {
+    ///     if let Some(RefuseReason::SchemaMismatch { client, server }) = e.refusal() {
+    ///         eprintln!("built from another schema: {client} vs {server}");
+    ///     }
+    /// }
+    /// ```
+    pub fn refusal(&self) -> Option<&crate::RefuseReason> {
+        match self {
+            ChannelError::Connect(ConnectError::Refused(refuse)) => Some(refuse.reason()),
+            _ => None,
+        }
+    }
+}
+
 /// A call in flight.
 pub(crate) struct Pending {
     /// The request's slab: the server reads it until it answers, so it is
