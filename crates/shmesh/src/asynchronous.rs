@@ -99,6 +99,30 @@ impl AsyncChannel {
         self.channel.inner.loan(len, Some(Instant::now()))
     }
 
+    /// Loans a request buffer to write in place, awaiting a free slab (up
+    /// to `timeout`) while the pool is busy with calls in flight; a buffer
+    /// larger than the largest slab lives on the heap and goes in chunks.
+    pub async fn loan_wait(
+        &self,
+        len: usize,
+        timeout: Option<Duration>,
+    ) -> Result<RequestBuf, Status> {
+        let inner = &self.channel.inner;
+        if inner.is_dead() {
+            return Err(inner.unavailable());
+        }
+        inner.check_size(len)?;
+        if len > inner.max_slab {
+            // A heap buffer: nothing to wait for.
+            return inner.loan(len, None);
+        }
+        let slab = match len {
+            0 => None,
+            n => Some(self.alloc(n, timeout.map(|t| Instant::now() + t)).await?),
+        };
+        Ok(RequestBuf::from_slab(slab, len))
+    }
+
     /// Calls `method` with `request`, copied into shared memory (in chunks
     /// if it is larger than a slab).
     pub async fn call(
@@ -200,6 +224,23 @@ impl AsyncChannel {
             channel: self.clone(),
         };
         call.send_message(request, true, true).await?;
+        Ok(call)
+    }
+
+    /// [`AsyncChannel::server_stream`] with a request written in place into
+    /// a loaned buffer: no copy.
+    pub async fn server_stream_buf(
+        &self,
+        method: u32,
+        request: RequestBuf,
+        timeout: Option<Duration>,
+    ) -> Result<AsyncCall, Status> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut call = AsyncCall {
+            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            channel: self.clone(),
+        };
+        call.send_last_buf(request).await?;
         Ok(call)
     }
 
@@ -449,6 +490,17 @@ impl AsyncCall {
             self.call.push_chunk(chunk, flags, slab)?;
         }
         Ok(())
+    }
+
+    /// Sends the last message from a loaned buffer and closes the sending
+    /// side in one descriptor (see [`Call::send_last_buf`]).
+    pub async fn send_last_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        if let Some(bytes) = message.heap() {
+            let open = !self.call.opened();
+            return self.send_message(bytes, open, true).await;
+        }
+        // A slab (or nothing): the ending descriptor costs no credit.
+        self.call.send_last_buf(message)
     }
 
     /// Closes the sending side (see [`Call::close_send`]).

@@ -168,3 +168,30 @@ async fn dropping_an_async_stream_cancels_the_handler() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_loans_open_and_close_streams_without_copies() {
+    let (_server, addr) = start("zero-copy", Arc::default());
+    let channel = connect(&addr).await;
+    let mut request = channel.loan_wait(4, None).await.unwrap();
+    request.copy_from_slice(&25u32.to_le_bytes());
+    let mut call = channel
+        .server_stream_buf(COUNT, request, None)
+        .await
+        .unwrap();
+    let mut n = 0u32;
+    while let Some(m) = call.recv().await.unwrap() {
+        assert_eq!(u32::from_le_bytes(m[..4].try_into().unwrap()), n);
+        n += 1;
+    }
+    assert_eq!(n, 25);
+    let mut call = channel.open(SUM, None).unwrap();
+    call.send(&[0; 7]).await.unwrap();
+    let last = channel.loan_wait(3 << 20, None).await.unwrap();
+    call.send_last_buf(last).await.unwrap();
+    let sum = call.recv().await.unwrap().unwrap();
+    assert_eq!(
+        u64::from_le_bytes(sum[..8].try_into().unwrap()),
+        7 + (3 << 20)
+    );
+}

@@ -405,3 +405,34 @@ fn shutdown_closes_streams_that_outlive_the_grace_period() {
     let err = call.recv().unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
 }
+
+#[test]
+fn streams_opened_and_closed_from_loaned_buffers() {
+    let (_server, addr, _) = start("zero-copy-streams");
+    let channel = connect(&addr);
+    let mut request = channel.loan(8, None).unwrap();
+    request.copy_from_slice(&count_request(40, 16));
+    let mut call = channel.server_stream_buf(COUNT, request, None).unwrap();
+    let mut n = 0u32;
+    while let Some(m) = call.recv().unwrap() {
+        assert_eq!(u32::from_le_bytes(m[..4].try_into().unwrap()), n);
+        n += 1;
+    }
+    assert_eq!(n, 40);
+    // A client stream whose last message closes it.
+    let mut call = channel.open(SUM, None).unwrap();
+    call.send(&[1; 10]).unwrap();
+    let mut last = channel.loan(5, None).unwrap();
+    last.fill(2);
+    call.send_last_buf(last).unwrap();
+    assert_eq!(
+        call.send(b"late").unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let answer = call.recv().unwrap().unwrap();
+    assert_eq!(u64::from_le_bytes(answer[..8].try_into().unwrap()), 20);
+    assert_eq!(u64::from_le_bytes(answer[8..16].try_into().unwrap()), 2);
+    drop(answer);
+    assert!(call.recv().unwrap().is_none());
+    eventually("slabs return", || channel.pool_in_use() == 0);
+}

@@ -312,6 +312,23 @@ impl Call {
         }
     }
 
+    /// Sends the last message, written in place into a loaned buffer, and
+    /// closes the sending side in the same descriptor: no copy, one
+    /// descriptor fewer than [`Call::send_buf`] then [`Call::close_send`].
+    pub fn send_last_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        match message.body {
+            RequestBody::Slab(slab) => {
+                let flags = self.loaned_flags(&slab)? | Flags::END;
+                self.take_credit(flags)?;
+                self.push_loaned(slab, message.len, flags)?;
+                self.send_closed = true;
+                Ok(())
+            }
+            RequestBody::Heap(bytes) => self.send_message(&bytes, !self.opened, true),
+            RequestBody::Empty => self.send_message(&[], !self.opened, true),
+        }
+    }
+
     /// Checks a loaned buffer can go on this call; the flags it goes with.
     pub(crate) fn loaned_flags(&self, slab: &shmesh_shm::pool::OwnedSlab) -> Result<Flags, Status> {
         self.check_open_for_sending()?;

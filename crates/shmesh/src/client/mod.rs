@@ -497,6 +497,25 @@ impl Channel {
         Ok(call)
     }
 
+    /// [`Channel::server_stream`] with a request written in place into a
+    /// buffer from [`Channel::loan`]: no copy.
+    pub fn server_stream_buf(
+        &self,
+        method: u32,
+        request: RequestBuf,
+        timeout: Option<Duration>,
+    ) -> Result<Call, Status> {
+        let mut call = Call::start(
+            &self.inner,
+            method,
+            timeout,
+            timeout.map(|t| Instant::now() + t),
+            false,
+        )?;
+        call.send_last_buf(request)?;
+        Ok(call)
+    }
+
     /// The limits the server granted this channel (ring depth, pool, wait
     /// mode, largest message).
     pub fn limits(&self) -> &Limits {
