@@ -45,7 +45,9 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
-    let call = channel.server_stream(method, &request.encode_to_vec(), timeout)?;
+    let mut buf = channel.loan(request.encoded_len(), timeout)?;
+    crate::encode_into(request, &mut buf)?;
+    let call = channel.server_stream_buf(method, buf, timeout)?;
     Ok(Streaming::new(call, response_type))
 }
 

@@ -1,9 +1,8 @@
 //! The async client side: what a generated `FooClient` calls, over an
 //! [`AsyncChannel`].
 //!
-//! Requests are encoded straight into a buffer loaned in shared memory;
-//! when the pool has no slab to lend at once, the request is encoded on the
-//! heap and copied by a call that awaits a slab instead of failing.
+//! Requests are encoded straight into a buffer loaned in shared memory
+//! (awaiting a slab while the pool is busy); server-streaming requests too.
 
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -43,14 +42,9 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
-    let response = match encoded(channel.loan(request.encoded_len()), request)? {
-        Some(buf) => channel.send(method, buf, timeout).await?,
-        None => {
-            channel
-                .call(method, &request.encode_to_vec(), timeout)
-                .await?
-        }
-    };
+    let mut buf = channel.loan_wait(request.encoded_len(), timeout).await?;
+    encode_into(request, &mut buf)?;
+    let response = channel.send(method, buf, timeout).await?;
     decode(&response, response_type)
 }
 
@@ -67,9 +61,9 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
-    let call = channel
-        .server_stream(method, &request.encode_to_vec(), timeout)
-        .await?;
+    let mut buf = channel.loan_wait(request.encoded_len(), timeout).await?;
+    encode_into(request, &mut buf)?;
+    let call = channel.server_stream_buf(method, buf, timeout).await?;
     Ok(Streaming::new(call, response_type))
 }
 
@@ -129,10 +123,9 @@ impl<Req> Sender<Req> {
 
 impl<Req: prost::Message> Sender<Req> {
     async fn send(&mut self, message: &Req) -> Result<(), Status> {
-        match encoded(self.channel.loan(message.encoded_len()), message)? {
-            Some(buf) => self.call.send_buf(buf).await,
-            None => self.call.send(&message.encode_to_vec()).await,
-        }
+        let mut buf = self.channel.loan_wait(message.encoded_len(), None).await?;
+        encode_into(message, &mut buf)?;
+        self.call.send_buf(buf).await
     }
 }
 
