@@ -84,6 +84,31 @@ pub(crate) fn schema_of(service: &Service) -> ServiceSchema {
 }
 
 /// Doc comments from the `.proto`, or `fallback` when it has none.
+/// Emits `pub struct {ty}<T> { inner: Arc<T> }` with its `Debug` and
+/// `Clone` (neither requiring `T` to have them): the shape of both the
+/// shmesh and the gRPC server wrappers.
+fn arc_wrapper(buf: &mut String, ty: &str) {
+    emit!(buf, "    pub struct {ty}<T> {{");
+    emit!(buf, "        inner: ::std::sync::Arc<T>,");
+    emit!(buf, "    }}");
+    emit!(buf, "    impl<T> ::core::fmt::Debug for {ty}<T> {{");
+    emit!(
+        buf,
+        "        fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{"
+    );
+    emit!(
+        buf,
+        "            f.debug_struct(\"{ty}\").finish_non_exhaustive()"
+    );
+    emit!(buf, "        }}");
+    emit!(buf, "    }}");
+    emit!(buf, "    impl<T> ::core::clone::Clone for {ty}<T> {{");
+    emit!(buf, "        fn clone(&self) -> Self {{");
+    emit!(buf, "            Self {{ inner: self.inner.clone() }}");
+    emit!(buf, "        }}");
+    emit!(buf, "    }}");
+}
+
 fn docs(buf: &mut String, comments: &Comments, indent: u8, fallback: &str) {
     if comments.leading.is_empty() && comments.trailing.is_empty() {
         let pad = "    ".repeat(usize::from(indent));
@@ -418,25 +443,7 @@ impl Generator {
             buf,
             "    /// Serves a [`{trait_name}`] implementation over shmesh."
         );
-        emit!(buf, "    pub struct {ty}<T> {{");
-        emit!(buf, "        inner: ::std::sync::Arc<T>,");
-        emit!(buf, "    }}");
-        emit!(buf, "    impl<T> ::core::fmt::Debug for {ty}<T> {{");
-        emit!(
-            buf,
-            "        fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{"
-        );
-        emit!(
-            buf,
-            "            f.debug_struct(\"{ty}\").finish_non_exhaustive()"
-        );
-        emit!(buf, "        }}");
-        emit!(buf, "    }}");
-        emit!(buf, "    impl<T> ::core::clone::Clone for {ty}<T> {{");
-        emit!(buf, "        fn clone(&self) -> Self {{");
-        emit!(buf, "            Self {{ inner: self.inner.clone() }}");
-        emit!(buf, "        }}");
-        emit!(buf, "    }}");
+        arc_wrapper(buf, &ty);
         emit!(buf, "    impl<T: {trait_name}> {ty}<T> {{");
         emit!(buf, "        /// Serves `inner`.");
         emit!(buf, "        pub fn new(inner: T) -> Self {{");
@@ -543,25 +550,7 @@ impl Generator {
             "    /// A [`{trait_name}`] implementation served over gRPC by tonic (from"
         );
         emit!(buf, "    /// [`{server}::into_grpc`]).");
-        emit!(buf, "    pub struct {ty}<T> {{");
-        emit!(buf, "        inner: ::std::sync::Arc<T>,");
-        emit!(buf, "    }}");
-        emit!(buf, "    impl<T> ::core::fmt::Debug for {ty}<T> {{");
-        emit!(
-            buf,
-            "        fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{"
-        );
-        emit!(
-            buf,
-            "            f.debug_struct(\"{ty}\").finish_non_exhaustive()"
-        );
-        emit!(buf, "        }}");
-        emit!(buf, "    }}");
-        emit!(buf, "    impl<T> ::core::clone::Clone for {ty}<T> {{");
-        emit!(buf, "        fn clone(&self) -> Self {{");
-        emit!(buf, "            Self {{ inner: self.inner.clone() }}");
-        emit!(buf, "        }}");
-        emit!(buf, "    }}");
+        arc_wrapper(buf, &ty);
         emit!(
             buf,
             "    impl<T> {rt}::grpc::tonic::server::NamedService for {ty}<T> {{"

@@ -973,27 +973,18 @@ impl Inner {
         deadline: Option<Instant>,
     ) -> Result<shmesh_shm::pool::OwnedSlab, Status> {
         loop {
-            match self.pool.alloc_owned(len) {
-                Ok(slab) => return Ok(slab),
-                Err(AllocError::Exhausted { .. }) => {
-                    self.drain_returned()?;
-                    if let Ok(slab) = self.pool.alloc_owned(len) {
-                        return Ok(slab);
-                    }
-                    if self.is_dead() {
-                        return Err(self.unavailable());
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(Status::deadline_exceeded(
-                            "no free slab before the deadline (pool exhausted)",
-                        ));
-                    }
-                    std::thread::yield_now();
-                }
-                Err(e @ AllocError::TooLarge { .. }) => {
-                    return Err(Status::resource_exhausted(e.to_string()));
-                }
+            if let Some(slab) = self.try_alloc(len)? {
+                return Ok(slab);
             }
+            if self.is_dead() {
+                return Err(self.unavailable());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Status::deadline_exceeded(
+                    "no free slab before the deadline (pool exhausted)",
+                ));
+            }
+            std::thread::yield_now();
         }
     }
 

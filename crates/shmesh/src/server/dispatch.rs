@@ -148,7 +148,7 @@ pub(crate) fn serve_connection(
         workers: server.workers.clone(),
         runtime: server.runtime.clone(),
         assembling: HashMap::default(),
-        recorder,
+        recorder: std::cell::RefCell::new(recorder),
         grace: server.grace,
     };
     let result = dispatcher.run(wait_policy, server.shutdown);
@@ -213,8 +213,10 @@ struct Dispatcher {
     runtime: Runtime,
     assembling: HashMap<u64, ChunkedRequest>,
     /// Counters for the calls answered on this thread (others record
-    /// through the link's).
-    recorder: crate::stats::ConnectionRecorder,
+    /// through the link's). A `RefCell` so the inline path can run on
+    /// `&self`, borrowing the router and the link instead of cloning their
+    /// `Arc`s per call.
+    recorder: std::cell::RefCell<crate::stats::ConnectionRecorder>,
     grace: Duration,
 }
 
@@ -353,8 +355,7 @@ impl Dispatcher {
                 .break_off(format!("call id {} opened twice", d.call_id));
             return Err(Gone);
         }
-        let router = self.router.clone();
-        let Some(route) = router.handlers.get(&d.method_id) else {
+        let Some(route) = self.router.handlers.get(&d.method_id) else {
             self.link.discard(&d)?;
             let status =
                 Status::unimplemented(format!("method {} is not served here", d.method_id));
@@ -441,8 +442,7 @@ impl Dispatcher {
         let Some(assembly) = self.assembling.remove(&d.call_id) else {
             return Ok(());
         };
-        let router = self.router.clone();
-        let Some(route) = router.handlers.get(&assembly.first.method_id) else {
+        let Some(route) = self.router.handlers.get(&assembly.first.method_id) else {
             return Ok(());
         };
         self.unary(
@@ -455,7 +455,7 @@ impl Dispatcher {
 
     /// Serves a whole unary request.
     fn unary(
-        &mut self,
+        &self,
         route: &Route,
         first: Descriptor,
         payload: Payload,
@@ -464,10 +464,10 @@ impl Dispatcher {
         let started = std::time::Instant::now();
         match route {
             Route::Copying(_) | Route::InPlace(_) => {
-                let link = self.link.clone();
+                let link = &*self.link;
                 let request = Request {
                     method: first.method_id,
-                    payload: payload.bytes(&link),
+                    payload: payload.bytes(link),
                     peer: link.peer,
                     remaining,
                     call: None,
@@ -478,7 +478,7 @@ impl Dispatcher {
                         Err(status) => Answer::Failed(status),
                     },
                     Route::InPlace(handler) => {
-                        let mut reply = Reply::new(&link);
+                        let mut reply = Reply::new(link);
                         match handler(&request, &mut reply) {
                             Ok(()) => Answer::InPlace(reply.into_body()),
                             Err(status) => Answer::Failed(status),
@@ -527,12 +527,12 @@ impl Dispatcher {
     /// Sends an inline handler's answer: in one descriptor if it fits a
     /// slab, otherwise from a worker that can wait for the client's credit.
     fn answer_inline(
-        &mut self,
+        &self,
         first: &Descriptor,
         answer: Answer<'_>,
         started: std::time::Instant,
     ) -> Result<(), Gone> {
-        let link = self.link.clone();
+        let link = &*self.link;
         let (call_id, method) = (first.call_id, first.method_id);
         let mut response = Descriptor {
             call_id,
@@ -553,6 +553,7 @@ impl Dispatcher {
             {
                 if let Err(status) = link.check_size(bytes.len()) {
                     self.recorder
+                        .borrow_mut()
                         .record(method, status.code(), started.elapsed());
                     return link.push(link.status_descriptor(call_id, method, &status));
                 }
@@ -570,13 +571,16 @@ impl Dispatcher {
             }
             Answer::Failed(status) => {
                 self.recorder
+                    .borrow_mut()
                     .record(method, status.code(), started.elapsed());
                 return link.push(link.status_descriptor(call_id, method, &status));
             }
         };
         // Counted after the answer is out: off the caller's critical path.
         let pushed = link.push(response);
-        self.recorder.record(method, code, started.elapsed());
+        self.recorder
+            .borrow_mut()
+            .record(method, code, started.elapsed());
         pushed
     }
 

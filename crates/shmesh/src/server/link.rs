@@ -309,20 +309,27 @@ impl Link {
     /// for the client to return some while the pool is exhausted.
     pub(crate) fn alloc(&self, len: usize) -> Result<SlabMut<'_>, AllocFailed> {
         loop {
-            match self.pool.alloc(len) {
-                Ok(slab) => return Ok(slab),
-                Err(AllocError::Exhausted { .. }) => {
-                    self.reclaim()?;
-                    if let Ok(slab) = self.pool.alloc(len) {
-                        return Ok(slab);
-                    }
-                    if self.is_dead() {
-                        return Err(AllocFailed::Gone(Gone));
-                    }
-                    std::thread::yield_now();
-                }
-                Err(e @ AllocError::TooLarge { .. }) => return Err(AllocFailed::TooLarge(e)),
+            if let Some(slab) = self.try_alloc(len)? {
+                return Ok(slab);
             }
+            std::thread::yield_now();
+        }
+    }
+
+    /// A slab of at least `len` bytes if one is free, after taking back
+    /// those the client returned; `None` while the pool stays exhausted.
+    pub(crate) fn try_alloc(&self, len: usize) -> Result<Option<SlabMut<'_>>, AllocFailed> {
+        match self.pool.alloc(len) {
+            Ok(slab) => Ok(Some(slab)),
+            Err(AllocError::Exhausted { .. }) => {
+                self.reclaim()?;
+                match self.pool.alloc(len) {
+                    Ok(slab) => Ok(Some(slab)),
+                    Err(_) if self.is_dead() => Err(AllocFailed::Gone(Gone)),
+                    Err(_) => Ok(None),
+                }
+            }
+            Err(e @ AllocError::TooLarge { .. }) => Err(AllocFailed::TooLarge(e)),
         }
     }
 

@@ -17,7 +17,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use shmesh_shm::descriptor::{Descriptor, Flags};
-use shmesh_shm::pool::{AllocError, SlabMut};
+use shmesh_shm::pool::SlabMut;
 
 use crate::deadline;
 use crate::mailbox::{Mailbox, Waiter};
@@ -201,17 +201,10 @@ async fn take_credit(link: &Link, mailbox: &Mailbox) -> Result<(), Status> {
 /// exhausted.
 async fn alloc(link: &Link, len: usize) -> Result<SlabMut<'_>, AllocFailed> {
     loop {
-        match link.pool.alloc(len) {
-            Ok(slab) => return Ok(slab),
-            Err(AllocError::Exhausted { .. }) => {
-                link.reclaim()?;
-                if link.is_dead() {
-                    return Err(AllocFailed::Gone(Gone));
-                }
-                tokio::time::sleep(Duration::from_micros(50)).await;
-            }
-            Err(e @ AllocError::TooLarge { .. }) => return Err(AllocFailed::TooLarge(e)),
+        if let Some(slab) = link.try_alloc(len)? {
+            return Ok(slab);
         }
+        tokio::time::sleep(Duration::from_micros(50)).await;
     }
 }
 
