@@ -53,7 +53,8 @@
 //!          · schema_hash [32] · requested Limits
 //! Welcome  protocol_version u16 · connection_id u64 · granted Limits
 //!          · fd count u8 (≤ 16) · one role per fd, in the order the fds
-//!            are attached: u8 (1 segment, 2 client doorbell, 3 server doorbell)
+//!            are attached: u8 (1 segment, 2 client doorbell, 3 server doorbell,
+//!            4 liveness socket: sent by the host daemon)
 //! Refuse   reason u8 · the reason's fields · message str16 (≤ 1024 bytes)
 //!          1 version mismatch   client u16 · server u16
 //!          2 unknown service    requested str8 · offered str8
@@ -61,6 +62,8 @@
 //!          4 limits refused     field u8 (1 ring depth, 2 pool classes,
 //!                               3 max message) · requested u64 · limit u64
 //!          5 busy               (nothing)
+//!          6 no replica         requested str8   (from the host daemon)
+//!          7 denied             requested str8   (from the host daemon)
 //! ```
 //!
 //! The encoding is canonical: [`decode`] accepts exactly the bytes
@@ -355,6 +358,10 @@ pub enum FdRole {
     ClientDoorbell,
     /// The eventfd the client rings to wake the server (code 3).
     ServerDoorbell,
+    /// The client's end of a socket pair whose other end the server holds
+    /// (code 4): sent by the host daemon, which brokers the connection, so
+    /// that each side still learns of the other's death from a socket.
+    Liveness,
 }
 
 impl FdRole {
@@ -364,6 +371,7 @@ impl FdRole {
             FdRole::Segment => 1,
             FdRole::ClientDoorbell => 2,
             FdRole::ServerDoorbell => 3,
+            FdRole::Liveness => 4,
         }
     }
 
@@ -373,6 +381,7 @@ impl FdRole {
             1 => Some(FdRole::Segment),
             2 => Some(FdRole::ClientDoorbell),
             3 => Some(FdRole::ServerDoorbell),
+            4 => Some(FdRole::Liveness),
             _ => None,
         }
     }
@@ -581,6 +590,17 @@ pub enum RefuseReason {
     },
     /// The server takes no new connections now; try again later (code 5).
     Busy,
+    /// The host daemon knows no live replica of the service (code 6).
+    NoReplica {
+        /// The service the client asked for.
+        requested: ServiceName,
+    },
+    /// The host daemon's access control denies this caller the service
+    /// (code 7); the message names the rule.
+    Denied {
+        /// The service the client asked for.
+        requested: ServiceName,
+    },
 }
 
 impl RefuseReason {
@@ -591,6 +611,8 @@ impl RefuseReason {
             RefuseReason::SchemaMismatch { .. } => 3,
             RefuseReason::LimitsRefused { .. } => 4,
             RefuseReason::Busy => 5,
+            RefuseReason::NoReplica { .. } => 6,
+            RefuseReason::Denied { .. } => 7,
         }
     }
 }
@@ -621,6 +643,16 @@ impl fmt::Display for RefuseReason {
                 "limits refused: {field}: client requested {requested}, server allows {limit}"
             ),
             RefuseReason::Busy => f.write_str("server busy"),
+            RefuseReason::NoReplica { requested } => write!(
+                f,
+                "no replica of service {:?} is registered with the host daemon",
+                requested.as_str()
+            ),
+            RefuseReason::Denied { requested } => write!(
+                f,
+                "access to service {:?} denied by the host daemon",
+                requested.as_str()
+            ),
         }
     }
 }
@@ -765,6 +797,9 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
                     out.extend_from_slice(&limit.to_le_bytes());
                 }
                 RefuseReason::Busy => {}
+                RefuseReason::NoReplica { requested } | RefuseReason::Denied { requested } => {
+                    put_str8(&mut out, requested);
+                }
             }
             // `Refuse::new` bounds the message to `MAX_REFUSE_MESSAGE` bytes.
             out.extend_from_slice(&(r.message.len() as u16).to_le_bytes());
@@ -1119,6 +1154,12 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, HandshakeError> {
                     }
                 }
                 5 => RefuseReason::Busy,
+                6 => RefuseReason::NoReplica {
+                    requested: r.service("requested service name")?,
+                },
+                7 => RefuseReason::Denied {
+                    requested: r.service("requested service name")?,
+                },
                 value => {
                     return Err(HandshakeError::UnknownValue {
                         what: "refuse reason",
@@ -1658,12 +1699,12 @@ mod tests {
         );
 
         let mut bytes = encode(&Refuse::new(RefuseReason::Busy, "").into());
-        bytes[HEADER_LEN] = 6;
+        bytes[HEADER_LEN] = 8;
         assert_eq!(
             decode(&bytes),
             Err(HandshakeError::UnknownValue {
                 what: "refuse reason",
-                value: 6
+                value: 8
             })
         );
 

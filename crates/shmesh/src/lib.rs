@@ -60,6 +60,7 @@ pub mod addr;
 #[cfg(feature = "tokio")]
 pub mod asynchronous;
 pub mod client;
+pub mod control;
 
 /// The blocking front-end, under the name the async one pairs with
 /// ([`asynchronous`]).
@@ -67,6 +68,7 @@ pub mod blocking {
     pub use crate::client::{Call, Channel, ChannelError, ChannelOptions, RequestBuf, Response};
 }
 pub mod deadline;
+pub mod endpoint;
 pub mod handshake;
 pub mod layout;
 mod mailbox;

@@ -104,6 +104,7 @@ fn welcome() -> impl Strategy<Value = Welcome> {
                 FdRole::Segment,
                 FdRole::ClientDoorbell,
                 FdRole::ServerDoorbell,
+                FdRole::Liveness,
             ]),
             0..=16,
         ),
@@ -141,6 +142,8 @@ fn refuse_reason() -> impl Strategy<Value = RefuseReason> {
                 limit,
             }),
         Just(RefuseReason::Busy),
+        service_name().prop_map(|requested| RefuseReason::NoReplica { requested }),
+        service_name().prop_map(|requested| RefuseReason::Denied { requested }),
     ]
 }
 

@@ -28,6 +28,7 @@ use shmesh_shm::segment::Segment;
 use thiserror::Error;
 
 use crate::deadline;
+use crate::endpoint::Endpoint;
 use crate::handshake::{FdRole, Hello, Limits, PROTOCOL_VERSION, SchemaHash, ServiceName};
 use crate::layout::{self, ClientEnds, LayoutError};
 use crate::mailbox::{Mailbox, Waiter};
@@ -53,6 +54,9 @@ pub struct ChannelOptions {
     pub limits: Limits,
     /// How long connecting and the handshake may take.
     pub connect_timeout: Duration,
+    /// The host daemon's socket, for `shm+svc://` addresses (default:
+    /// [`daemon_socket`](crate::endpoint::daemon_socket)).
+    pub daemon: Option<Address>,
 }
 
 impl ChannelOptions {
@@ -63,6 +67,7 @@ impl ChannelOptions {
             schema_hash,
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(5),
+            daemon: None,
         }
     }
 }
@@ -73,6 +78,23 @@ pub enum ChannelError {
     /// The address does not parse.
     #[error(transparent)]
     Address(#[from] AddressError),
+    /// The address is neither a socket nor a service URI.
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointError),
+    /// The host daemon's socket is not configured right.
+    #[error(transparent)]
+    DaemonSocket(#[from] crate::endpoint::DaemonSocketError),
+    /// A `shm+svc://` address names another service than the options.
+    #[error("address names service {address:?} but the channel is for {options:?}")]
+    ServiceMismatch {
+        /// The service in the address.
+        address: String,
+        /// The service in the options.
+        options: String,
+    },
+    /// The host daemon brokered the connection but sent no liveness socket.
+    #[error("the host daemon sent no liveness socket in its Welcome")]
+    NoLiveness,
     /// The service name is not valid.
     #[error("invalid service name: {0}")]
     Service(#[from] crate::handshake::ServiceNameError),
@@ -349,8 +371,23 @@ impl Drop for Response {
 impl Channel {
     /// Connects to the server at `address` (`shm:///path` or `shm://@name`).
     pub fn connect(address: &str, options: &ChannelOptions) -> Result<Channel, ChannelError> {
-        let address: Address = address.parse()?;
-        let mut conn = socket::connect(&address)?;
+        let endpoint: Endpoint = address.parse()?;
+        let socket_address = match &endpoint {
+            Endpoint::Socket(address) => address.clone(),
+            Endpoint::Service(name) => {
+                if name.as_str() != options.service {
+                    return Err(ChannelError::ServiceMismatch {
+                        address: name.to_string(),
+                        options: options.service.clone(),
+                    });
+                }
+                match &options.daemon {
+                    Some(daemon) => daemon.clone(),
+                    None => crate::endpoint::daemon_socket()?,
+                }
+            }
+        };
+        let mut conn = socket::connect(&socket_address)?;
         conn.set_read_timeout(Some(options.connect_timeout))
             .map_err(ChannelError::Socket)?;
         let hello = Hello {
@@ -362,13 +399,22 @@ impl Channel {
         let (welcome, fds) = socket::client_handshake(&mut conn, &hello)?;
         let mut segment_fd = None;
         let mut bell_fd = None;
+        let mut liveness_fd = None;
         for (role, fd) in welcome.fds.as_slice().iter().zip(fds) {
             match role {
                 FdRole::Segment => segment_fd = Some(fd),
                 FdRole::ClientDoorbell => bell_fd = Some(fd),
+                FdRole::Liveness => liveness_fd = Some(fd),
                 FdRole::ServerDoorbell => {}
             }
         }
+        // Through the daemon, the server is at the other end of a socket
+        // pair the daemon made; the daemon's own socket is done with.
+        let conn = match (liveness_fd, endpoint) {
+            (Some(fd), _) => Connection::from(std::os::unix::net::UnixStream::from(fd)),
+            (None, Endpoint::Service(_)) => return Err(ChannelError::NoLiveness),
+            (None, Endpoint::Socket(_)) => conn,
+        };
         let segment_fd = segment_fd.ok_or(ChannelError::NoSegment)?;
         let bell_fd = bell_fd.ok_or(ChannelError::NoDoorbell)?;
         let segment = Segment::open(segment_fd)?;

@@ -93,8 +93,44 @@ pub(crate) fn serve_connection(
     let Some((segment, client_bell)) = made else {
         return Err(ConnectionError::Handshake("no segment was made".into()));
     };
-    let peer = accepted.peer;
-    let granted = accepted.welcome.granted.clone();
+    serve_established(
+        Established {
+            conn,
+            id,
+            granted: accepted.welcome.granted,
+            segment,
+            client_bell,
+            peer: accepted.peer,
+        },
+        server,
+    )
+}
+
+/// A connection whose handshake is done: by this server on its own socket,
+/// or by the host daemon, which made the segment and hands it over.
+pub(crate) struct Established {
+    /// The socket whose end tells of the client's death.
+    pub conn: Connection,
+    pub id: u64,
+    pub granted: crate::handshake::Limits,
+    pub segment: Arc<Segment>,
+    pub client_bell: OwnedFd,
+    pub peer: socket::PeerCredentials,
+}
+
+/// Serves an established connection until it ends.
+pub(crate) fn serve_established(
+    established: Established,
+    server: &ServerContext<'_>,
+) -> Result<(), ConnectionError> {
+    let Established {
+        conn,
+        id,
+        granted,
+        segment,
+        client_bell,
+        peer,
+    } = established;
     tracing::debug!(
         connection = id,
         pid = peer.pid,

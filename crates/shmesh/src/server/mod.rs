@@ -24,6 +24,7 @@
 
 mod dispatch;
 mod link;
+mod registration;
 mod stream;
 #[cfg(feature = "tokio")]
 mod task;
@@ -40,8 +41,10 @@ use crate::mailbox::Mailbox;
 use crate::socket::{self, Listener, PeerCredentials};
 use crate::stats::Stats;
 use crate::status::Status;
+use crate::endpoint::Endpoint;
 use crate::{Address, AddressError, BindError};
 
+pub use registration::RegisterError;
 pub use stream::{Message, ServerStream};
 #[cfg(feature = "tokio")]
 pub use task::{AsyncRequest, AsyncServerStream, HandlerFuture};
@@ -340,17 +343,43 @@ pub enum ServerError {
     /// The service name is not valid.
     #[error("invalid service name: {0}")]
     Service(#[from] ServiceNameError),
+    /// The address is neither a socket nor a service URI.
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointError),
+    /// A `shm+svc://` address names another service than the one served.
+    #[error("address names service {address:?} but the server serves {service:?}")]
+    ServiceMismatch {
+        /// The service in the address.
+        address: String,
+        /// The service served.
+        service: String,
+    },
     /// The socket could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// Registering with the host daemon failed.
+    #[error(transparent)]
+    Register(#[from] RegisterError),
     /// The worker threads could not start.
     #[error("cannot start worker threads: {0}")]
     Workers(std::io::Error),
 }
 
+/// Where a server's connections come from.
+enum Source {
+    /// Its own socket.
+    Socket(Listener),
+    /// The host daemon, which hands them over; the registration made at
+    /// bind time waits here for [`Server::serve`].
+    Daemon {
+        source: registration::DaemonSource,
+        pending: std::sync::Mutex<Option<registration::Session>>,
+    },
+}
+
 /// A server for one service at one address.
 pub struct Server {
-    listener: Listener,
+    source: Source,
     policy: ServerPolicy,
     router: Arc<Router>,
     shutdown: Arc<AtomicBool>,
@@ -370,8 +399,12 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let address = match &self.source {
+            Source::Socket(listener) => listener.address().to_string(),
+            Source::Daemon { source, .. } => format!("{} (host daemon)", source.daemon),
+        };
         f.debug_struct("Server")
-            .field("address", self.listener.address())
+            .field("address", &address)
             .field("router", &self.router)
             .finish_non_exhaustive()
     }
@@ -479,29 +512,93 @@ impl Workers {
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     shutdown: Arc<AtomicBool>,
-    address: Address,
+    wake: Wake,
+}
+
+/// How to wake a server blocked waiting for its next connection.
+#[derive(Debug, Clone)]
+enum Wake {
+    /// Connect to its socket.
+    Connect(Address),
+    /// Close its registration with the host daemon.
+    Close(Arc<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>),
 }
 
 impl ShutdownHandle {
     /// Stops accepting; connections finish the calls already sent (within
-    /// the server's grace period), then close.
+    /// the server's grace period), then close. A server registered with the
+    /// host daemon withdraws its registration.
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::Release);
-        // Wake the accept loop with a connection it will drop at once.
-        let _ = socket::connect(&self.address);
+        match &self.wake {
+            // Wake the accept loop with a connection it will drop at once.
+            Wake::Connect(address) => {
+                let _ = socket::connect(address);
+            }
+            Wake::Close(current) => registration::DaemonSource::close(current),
+        }
     }
 }
 
 impl Server {
     /// Binds `address` for `service` with schema `schema_hash`.
+    ///
+    /// `address` is the server's own socket (`shm:///path`, `shm://@name`),
+    /// or `shm+svc://SERVICE` to serve through the host daemon found by
+    /// [`daemon_socket`](crate::endpoint::daemon_socket): the server then
+    /// registers as a replica of the service (failing here if the daemon
+    /// cannot be reached or refuses) and serves the connections the daemon
+    /// hands over ([`Server::register_with`] names the daemon explicitly).
     pub fn bind(
         address: &str,
         service: &str,
         schema_hash: SchemaHash,
         router: Router,
     ) -> Result<Server, ServerError> {
-        let address: Address = address.parse()?;
+        match address.parse()? {
+            Endpoint::Socket(address) => {
+                let policy = ServerPolicy::new(ServiceName::new(service)?, schema_hash);
+                Self::with_source(Source::Socket(Listener::bind(&address)?), policy, router)
+            }
+            Endpoint::Service(name) => {
+                if name.as_str() != service {
+                    return Err(ServerError::ServiceMismatch {
+                        address: name.to_string(),
+                        service: service.to_owned(),
+                    });
+                }
+                let daemon = crate::endpoint::daemon_socket().map_err(RegisterError::from)?;
+                Self::register_with(&daemon, service, schema_hash, router)
+            }
+        }
+    }
+
+    /// Registers with the host daemon listening at `daemon` as a replica of
+    /// `service`, to serve the connections it hands over (see
+    /// [`Server::bind`] with a `shm+svc://` address).
+    pub fn register_with(
+        daemon: &Address,
+        service: &str,
+        schema_hash: SchemaHash,
+        router: Router,
+    ) -> Result<Server, ServerError> {
         let policy = ServerPolicy::new(ServiceName::new(service)?, schema_hash);
+        let source = registration::DaemonSource::new(daemon.clone(), &policy, String::new());
+        let session = source.register(&policy)?;
+        tracing::info!(
+            service,
+            daemon = %daemon,
+            replica = session.replica,
+            "registered with the host daemon"
+        );
+        let source = Source::Daemon {
+            source,
+            pending: std::sync::Mutex::new(Some(session)),
+        };
+        Self::with_source(source, policy, router)
+    }
+
+    fn with_source(source: Source, policy: ServerPolicy, router: Router) -> Result<Server, ServerError> {
         #[cfg(feature = "tokio")]
         let (runtime, own_runtime) = if router.handlers.values().any(Route::is_async) {
             match tokio::runtime::Handle::try_current() {
@@ -520,7 +617,7 @@ impl Server {
             (None, None)
         };
         Ok(Server {
-            listener: Listener::bind(&address)?,
+            source,
             policy,
             router: Arc::new(router),
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -541,6 +638,11 @@ impl Server {
     /// The most a client may be granted (defaults to [`Limits::default`]).
     pub fn set_max_limits(&mut self, max: Limits) {
         self.policy.max = max;
+        // The daemon negotiates for a registered server: register again,
+        // with the new limits, when serving starts.
+        if let Source::Daemon { pending, .. } = &self.source {
+            crate::client::lock(pending).take();
+        }
     }
 
     /// How long a shutdown lets calls in progress (a long stream, a slow
@@ -552,9 +654,13 @@ impl Server {
 
     /// A handle to stop [`Server::serve`].
     pub fn shutdown_handle(&self) -> ShutdownHandle {
+        let wake = match &self.source {
+            Source::Socket(listener) => Wake::Connect(listener.address().clone()),
+            Source::Daemon { source, .. } => Wake::Close(source.current.clone()),
+        };
         ShutdownHandle {
             shutdown: self.shutdown.clone(),
-            address: self.listener.address().clone(),
+            wake,
         }
     }
 
@@ -578,9 +684,22 @@ impl Server {
     /// Accepts and serves connections until shut down; then waits for the
     /// connections to finish their calls.
     pub fn serve(&self) {
+        let connections = match &self.source {
+            Source::Socket(listener) => self.serve_socket(listener),
+            Source::Daemon { source, pending } => {
+                let session = crate::client::lock(pending).take();
+                self.serve_daemon(source, session)
+            }
+        };
+        for c in connections {
+            let _ = c.join();
+        }
+    }
+
+    fn serve_socket(&self, listener: &Listener) -> Vec<std::thread::JoinHandle<()>> {
         let mut connections = Vec::new();
         while !self.shutdown.load(Ordering::Acquire) {
-            let conn = match self.listener.accept() {
+            let conn = match listener.accept() {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -592,42 +711,175 @@ impl Server {
                 break;
             }
             let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-            let grace = self.grace;
-            let (policy, router, shutdown, live, stats, workers, runtime) = (
-                self.policy.clone(),
-                self.router.clone(),
-                self.shutdown.clone(),
-                self.live.clone(),
-                self.stats.clone(),
-                self.workers.clone(),
-                self.runtime.clone(),
-            );
-            let spawned = std::thread::Builder::new()
-                .name(format!("shmesh-conn-{id}"))
-                .spawn(move || {
-                    live.fetch_add(1, Ordering::AcqRel);
-                    let context = dispatch::ServerContext {
-                        policy: &policy,
-                        router: &router,
-                        shutdown: &shutdown,
-                        stats: &stats,
-                        workers: &workers,
-                        runtime: &runtime,
-                        grace,
-                    };
-                    if let Err(e) = dispatch::serve_connection(conn, id, &context) {
-                        tracing::warn!(connection = id, "connection closed: {e}");
-                    }
-                    live.fetch_sub(1, Ordering::AcqRel);
-                });
-            match spawned {
-                Ok(handle) => connections.push(handle),
-                Err(e) => tracing::error!("cannot start a connection thread: {e}"),
-            }
+            connections.extend(self.spawn_connection(id, move |context| {
+                dispatch::serve_connection(conn, id, context)
+            }));
             connections.retain(|c| !c.is_finished());
         }
-        for c in connections {
-            let _ = c.join();
+        connections
+    }
+
+    /// Serves what the host daemon hands over; registers again whenever the
+    /// daemon goes away, until shut down.
+    fn serve_daemon(
+        &self,
+        source: &registration::DaemonSource,
+        mut session: Option<registration::Session>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        const RETRY_FIRST: Duration = Duration::from_millis(50);
+        const RETRY_MAX: Duration = Duration::from_secs(2);
+        let mut connections = Vec::new();
+        let mut retry = RETRY_FIRST;
+        while !self.shutdown.load(Ordering::Acquire) {
+            let current = match session.take() {
+                Some(current) => current,
+                None => match source.register(&self.policy) {
+                    Ok(current) => {
+                        tracing::info!(
+                            service = %self.policy.service,
+                            replica = current.replica,
+                            "registered with the host daemon"
+                        );
+                        retry = RETRY_FIRST;
+                        current
+                    }
+                    Err(e) => {
+                        tracing::debug!("registering again: {e}");
+                        let until = std::time::Instant::now() + retry;
+                        while std::time::Instant::now() < until
+                            && !self.shutdown.load(Ordering::Acquire)
+                        {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        retry = (retry * 2).min(RETRY_MAX);
+                        continue;
+                    }
+                },
+            };
+            self.serve_session(source, current, &mut connections);
+            if !self.shutdown.load(Ordering::Acquire) {
+                tracing::warn!(
+                    service = %self.policy.service,
+                    daemon = %source.daemon,
+                    "lost the host daemon; its connections go on, registering again"
+                );
+            }
+        }
+        connections
+    }
+
+    /// Reads one registration's messages until it ends.
+    fn serve_session(
+        &self,
+        source: &registration::DaemonSource,
+        mut session: registration::Session,
+        connections: &mut Vec<std::thread::JoinHandle<()>>,
+    ) {
+        use crate::control::{self, FromDaemon, ToDaemon};
+        /// Fds an adoption carries: liveness, segment, doorbell.
+        const ADOPT_FDS: usize = 3;
+        loop {
+            let (bytes, fds) = match session.recv.recv_msg(ADOPT_FDS) {
+                Ok(message) => message,
+                Err(_) => return,
+            };
+            match control::decode_from_daemon(&bytes) {
+                Ok(FromDaemon::Adopt(adoption)) => {
+                    let established = match source.adopt(&adoption, fds, &self.policy.max) {
+                        Ok(established) => established,
+                        Err(e) => {
+                            tracing::warn!("cannot serve a connection from the host daemon: {e}");
+                            continue;
+                        }
+                    };
+                    let id = established.id;
+                    let send = session.send.clone();
+                    let live = source.live.clone();
+                    let closed = move || {
+                        crate::client::lock(&live).remove(&id);
+                        let message = control::encode(&ToDaemon::Closed { connection: id });
+                        // A daemon that is gone learns nothing; the next
+                        // one never knew of this connection.
+                        let _ = crate::client::lock(&send).send_msg(&message, &[]);
+                    };
+                    connections.extend(self.spawn_connection(id, move |context| {
+                        let result = dispatch::serve_established(established, context);
+                        closed();
+                        result
+                    }));
+                    connections.retain(|c| !c.is_finished());
+                }
+                Ok(FromDaemon::Revoke { connection }) => {
+                    if source.revoke(connection) {
+                        tracing::info!(connection, "the host daemon revoked a connection");
+                    }
+                }
+                Ok(FromDaemon::StatsRequest { request }) => {
+                    let stats = control::ReplicaStats::from(&self.stats.snapshot());
+                    let answer = control::encode(&ToDaemon::Stats { request, stats });
+                    if crate::client::lock(&session.send)
+                        .send_msg(&answer, &[])
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(
+                        "unexpected {} from the host daemon",
+                        registration::kind(&other)
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!("unreadable message from the host daemon: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs `serve` for connection `id` on a thread of its own.
+    fn spawn_connection(
+        &self,
+        id: u64,
+        serve: impl FnOnce(&dispatch::ServerContext<'_>) -> Result<(), dispatch::ConnectionError>
+        + Send
+        + 'static,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let grace = self.grace;
+        let (policy, router, shutdown, live, stats, workers, runtime) = (
+            self.policy.clone(),
+            self.router.clone(),
+            self.shutdown.clone(),
+            self.live.clone(),
+            self.stats.clone(),
+            self.workers.clone(),
+            self.runtime.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("shmesh-conn-{id}"))
+            .spawn(move || {
+                live.fetch_add(1, Ordering::AcqRel);
+                let context = dispatch::ServerContext {
+                    policy: &policy,
+                    router: &router,
+                    shutdown: &shutdown,
+                    stats: &stats,
+                    workers: &workers,
+                    runtime: &runtime,
+                    grace,
+                };
+                if let Err(e) = serve(&context) {
+                    tracing::warn!(connection = id, "connection closed: {e}");
+                }
+                live.fetch_sub(1, Ordering::AcqRel);
+            });
+        match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::error!("cannot start a connection thread: {e}");
+                None
+            }
         }
     }
 }
