@@ -10,6 +10,7 @@
 //! [`bench`]).
 
 mod bench;
+mod host;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +55,11 @@ enum Command {
     /// A server process `bench` starts (internal).
     #[command(name = "__bench-peer", hide = true)]
     BenchPeer(bench::PeerArgs),
+    /// Run shmeshd, the host daemon: service registry, brokered
+    /// connections (`shm+svc://NAME`), access control, Prometheus metrics.
+    Daemon(host::DaemonArgs),
+    /// Show the daemon's services, replicas, connections and call rates.
+    Status(host::StatusArgs),
 }
 
 /// What `demo` measures.
@@ -117,6 +123,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Daemon(args) => host::daemon(&args).unwrap_or_else(|e| {
+            eprintln!("shmesh daemon: {e:#}");
+            ExitCode::FAILURE
+        }),
+        Command::Status(args) => host::status(&args).unwrap_or_else(|e| {
+            eprintln!("shmesh status: {e:#}");
+            ExitCode::FAILURE
+        }),
         Command::Demo(args) => match demo(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

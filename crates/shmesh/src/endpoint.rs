@@ -89,12 +89,11 @@ impl FromStr for Endpoint {
             && uri.is_char_boundary(scheme_len)
             && uri[..scheme_len].eq_ignore_ascii_case(SERVICE_PREFIX)
         {
-            let name = ServiceName::new(&uri[scheme_len..]).map_err(|source| {
-                EndpointError::Service {
+            let name =
+                ServiceName::new(&uri[scheme_len..]).map_err(|source| EndpointError::Service {
                     uri: uri.to_owned(),
                     source,
-                }
-            })?;
+                })?;
             return Ok(Endpoint::Service(name));
         }
         Ok(Endpoint::Socket(uri.parse()?))

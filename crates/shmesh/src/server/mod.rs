@@ -36,12 +36,12 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::endpoint::Endpoint;
 use crate::handshake::{Limits, SchemaHash, ServerPolicy, ServiceName, ServiceNameError};
 use crate::mailbox::Mailbox;
 use crate::socket::{self, Listener, PeerCredentials};
 use crate::stats::Stats;
 use crate::status::Status;
-use crate::endpoint::Endpoint;
 use crate::{Address, AddressError, BindError};
 
 pub use registration::RegisterError;
@@ -598,7 +598,11 @@ impl Server {
         Self::with_source(source, policy, router)
     }
 
-    fn with_source(source: Source, policy: ServerPolicy, router: Router) -> Result<Server, ServerError> {
+    fn with_source(
+        source: Source,
+        policy: ServerPolicy,
+        router: Router,
+    ) -> Result<Server, ServerError> {
         #[cfg(feature = "tokio")]
         let (runtime, own_runtime) = if router.handlers.values().any(Route::is_async) {
             match tokio::runtime::Handle::try_current() {

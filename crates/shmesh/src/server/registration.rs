@@ -39,7 +39,7 @@ pub enum RegisterError {
         /// Its socket.
         daemon: Address,
         /// Why.
-        source: ConnectError,
+        source: Box<ConnectError>,
     },
     /// The registration could not be sent.
     #[error("cannot register with the host daemon: {0}")]
@@ -118,7 +118,7 @@ impl DaemonSource {
         let mut conn =
             socket::connect(&self.daemon).map_err(|source| RegisterError::Unreachable {
                 daemon: self.daemon.clone(),
-                source,
+                source: Box::new(source),
             })?;
         conn.set_read_timeout(Some(REGISTER_TIMEOUT))
             .map_err(RegisterError::Socket)?;
