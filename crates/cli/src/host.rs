@@ -1,4 +1,5 @@
-//! `shmesh daemon` (run shmeshd) and `shmesh status` (what it sees).
+//! `shmesh status`: what the host daemon sees (`shmesh daemon` is
+//! [`shmesh_daemon::cli`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,24 +10,7 @@ use anyhow::{Context, Result};
 use comfy_table::{Cell, CellAlignment, Table, presets};
 use shmesh::Address;
 use shmesh::control::{MethodStats, StatusReport};
-use shmesh_daemon::config::Config;
-use shmesh_daemon::{Daemon, query_status};
-
-/// `shmesh daemon`.
-#[derive(Debug, clap::Args)]
-pub struct DaemonArgs {
-    /// A TOML config file (default: none; every setting has a default).
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    /// The socket to listen on (overrides the config; default
-    /// $XDG_RUNTIME_DIR/shmesh/shmeshd.sock, else /run/shmesh/shmeshd.sock).
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Where to serve Prometheus /metrics (overrides the config; default
-    /// 127.0.0.1:9464), or `off`.
-    #[arg(long)]
-    metrics: Option<String>,
-}
+use shmesh_daemon::query_status;
 
 /// `shmesh status`.
 #[derive(Debug, clap::Args)]
@@ -63,62 +47,6 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: between 50ms and 60m"));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-/// Runs the daemon until SIGINT or SIGTERM.
-pub fn daemon(args: &DaemonArgs) -> Result<ExitCode> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(socket) = &args.socket {
-        config.socket = Some(socket.clone());
-    }
-    match args.metrics.as_deref() {
-        None => {}
-        Some("off") => config.metrics.enabled = false,
-        Some(address) => {
-            config.metrics.enabled = true;
-            config.metrics.listen = address
-                .parse()
-                .with_context(|| format!("--metrics {address:?}: expected HOST:PORT or off"))?;
-        }
-    }
-    let daemon = Daemon::bind(config).context("cannot start shmeshd")?;
-    eprintln!("shmeshd listening on {}", daemon.socket().display());
-    match daemon.metrics_address() {
-        Some(address) => eprintln!("metrics at http://{address}/metrics"),
-        None => eprintln!("metrics off"),
-    }
-    let handle = daemon.shutdown_handle();
-    std::thread::Builder::new()
-        .name("shmeshd-signals".into())
-        .spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                use tokio::signal::unix::{SignalKind, signal};
-                let (Ok(mut term), Ok(mut int)) = (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                ) else {
-                    return;
-                };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            });
-            eprintln!("shmeshd stopping");
-            handle.shutdown();
-        })
-        .context("cannot watch for signals")?;
-    daemon.run();
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Shows the daemon's services, replicas, connections and per-method rates.

@@ -57,7 +57,7 @@ enum Command {
     BenchPeer(bench::PeerArgs),
     /// Run shmeshd, the host daemon: service registry, brokered
     /// connections (`shm+svc://NAME`), access control, Prometheus metrics.
-    Daemon(host::DaemonArgs),
+    Daemon(shmesh_daemon::cli::DaemonArgs),
     /// Show the daemon's services, replicas, connections and call rates.
     Status(host::StatusArgs),
 }
@@ -123,10 +123,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Daemon(args) => host::daemon(&args).unwrap_or_else(|e| {
-            eprintln!("shmesh daemon: {e:#}");
-            ExitCode::FAILURE
-        }),
+        Command::Daemon(args) => match shmesh_daemon::cli::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shmesh daemon: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Status(args) => host::status(&args).unwrap_or_else(|e| {
             eprintln!("shmesh status: {e:#}");
             ExitCode::FAILURE

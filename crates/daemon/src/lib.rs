@@ -33,6 +33,7 @@
 //! ```
 
 pub mod access;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod registry;

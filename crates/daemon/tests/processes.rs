@@ -1,0 +1,438 @@
+//! shmeshd with real processes: the daemon is the `shmeshd` binary,
+//! replicas and some clients are this test binary started again as a child
+//! (see [`child`]), the rest of the clients run in the test process. Every
+//! wait is bounded by a watchdog that fails the test; nothing asserts a
+//! duration.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shmesh::client::{Channel, ChannelOptions};
+use shmesh::control::StatusReport;
+use shmesh::server::{Router, Server};
+use shmesh::status::Code;
+use shmesh::{Address, RefuseReason, SchemaHash};
+
+const SCHEMA: SchemaHash = SchemaHash([7; 32]);
+const ECHO: u32 = 1;
+/// How long any condition may take to come true before the test fails.
+const WATCHDOG: Duration = Duration::from_secs(30);
+/// The variable that makes this binary a child process.
+const ROLE: &str = "SHMESHD_TEST_ROLE";
+
+/// These tests start several processes each; one at a time keeps the two
+/// cores from being oversubscribed.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Reaped {
+    fn kill9(&mut self) {
+        self.0.kill().unwrap(); // SIGKILL
+        self.0.wait().unwrap();
+    }
+}
+
+/// A scratch directory for one test.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shmeshd-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running `shmeshd`, its socket and metrics address, and its log.
+struct Daemon {
+    process: Reaped,
+    socket: PathBuf,
+    metrics: Option<String>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(socket: &Path, config: Option<&Path>) -> Daemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shmeshd"));
+        command
+            .arg("--socket")
+            .arg(socket)
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.strip_prefix("metrics at http://") {
+                        let _ = tx.send(rest.trim_end_matches("/metrics").to_owned());
+                    }
+                    log.lock().unwrap().push_str(&(line + "\n"));
+                }
+            });
+        }
+        let process = Reaped(child);
+        let metrics = rx.recv_timeout(WATCHDOG).ok();
+        assert!(
+            metrics.is_some(),
+            "shmeshd did not start:\n{}",
+            log.lock().unwrap()
+        );
+        Daemon {
+            process,
+            socket: socket.to_owned(),
+            metrics,
+            log,
+        }
+    }
+
+    fn address(&self) -> Address {
+        Address::from_path(&self.socket).unwrap()
+    }
+
+    fn status(&self) -> StatusReport {
+        shmesh_daemon::query_status(&self.address()).unwrap()
+    }
+
+    /// Waits until the daemon's status satisfies `what`.
+    fn wait_for(&self, description: &str, what: impl Fn(&StatusReport) -> bool) -> StatusReport {
+        let deadline = Instant::now() + WATCHDOG;
+        loop {
+            let report = self.status();
+            if what(&report) {
+                return report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {WATCHDOG:?} for {description}; last status: {report:#?}\nlog:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let address = self.metrics.as_ref().expect("metrics are on");
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: shmeshd\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+}
+
+fn replicas(report: &StatusReport, service: &str) -> usize {
+    report
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map_or(0, |s| s.replicas.len())
+}
+
+fn connections(report: &StatusReport, service: &str) -> Vec<usize> {
+    report
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map_or(Vec::new(), |s| {
+            s.replicas.iter().map(|r| r.connections.len()).collect()
+        })
+}
+
+/// Starts this binary again as a child playing `role`.
+fn spawn_child(role: &str, daemon: &Daemon, service: &str) -> Reaped {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--ignored", "--nocapture", "--quiet"])
+        .env(ROLE, role)
+        .env("SHMESHD_TEST_SOCKET", &daemon.socket)
+        .env("SHMESHD_TEST_SERVICE", service)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Reaped(child)
+}
+
+fn options(daemon: &Daemon, service: &str, schema: SchemaHash) -> ChannelOptions {
+    let mut options = ChannelOptions::new(service, schema);
+    options.daemon = Some(daemon.address());
+    options
+}
+
+fn connect(daemon: &Daemon, service: &str) -> Channel {
+    Channel::connect(
+        &format!("shm+svc://{service}"),
+        &options(daemon, service, SCHEMA),
+    )
+    .unwrap()
+}
+
+fn echo(channel: &Channel, body: &[u8]) -> Result<Vec<u8>, shmesh::status::Status> {
+    channel
+        .call(ECHO, body, Some(Duration::from_secs(10)))
+        .map(|r| r.to_vec())
+}
+
+/// The entry point of child processes: a replica serving echo, or a client
+/// calling it in a loop. Does nothing unless started by [`spawn_child`].
+#[test]
+#[ignore = "run as a child process by the other tests"]
+fn child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let socket = Address::from_path(std::env::var("SHMESHD_TEST_SOCKET").unwrap()).unwrap();
+    let service = std::env::var("SHMESHD_TEST_SERVICE").unwrap();
+    match role.as_str() {
+        "replica" => {
+            let router = Router::new().route(ECHO, |request| Ok(request.payload.to_vec()));
+            let server = Server::register_with(&socket, &service, SCHEMA, router).unwrap();
+            server.serve();
+        }
+        "client" => {
+            let mut options = ChannelOptions::new(service.as_str(), SCHEMA);
+            options.daemon = Some(socket);
+            let channel = Channel::connect(&format!("shm+svc://{service}"), &options).unwrap();
+            let mut n = 0u64;
+            loop {
+                let body = n.to_le_bytes();
+                assert_eq!(echo(&channel, &body).unwrap(), body);
+                n += 1;
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn brokered_connections_spread_over_replicas_and_show_in_status_and_metrics() {
+    let _serial = serial();
+    let dir = scratch("brokered");
+    let daemon = Daemon::start(&dir.join("d.sock"), None);
+    let _a = spawn_child("replica", &daemon, "echo");
+    let _b = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("two replicas", |r| replicas(r, "echo") == 2);
+
+    let channels: Vec<Channel> = (0..4).map(|_| connect(&daemon, "echo")).collect();
+    for (i, channel) in channels.iter().enumerate() {
+        for n in 0..100u32 {
+            let body = format!("{i}:{n}");
+            assert_eq!(echo(channel, body.as_bytes()).unwrap(), body.as_bytes());
+        }
+    }
+    let report = daemon.wait_for("four connections", |r| {
+        connections(r, "echo").iter().sum::<usize>() == 4
+    });
+    // The least-loaded replica gets each new connection.
+    assert_eq!(connections(&report, "echo"), vec![2, 2], "{report:#?}");
+    let echo_status = &report.services[0];
+    assert_eq!(echo_status.grants_total, 4);
+    let calls: u64 = echo_status
+        .replicas
+        .iter()
+        .filter_map(|r| r.stats.as_ref())
+        .flat_map(|s| &s.methods)
+        .map(|m| m.calls)
+        .sum();
+    assert_eq!(calls, 400, "{report:#?}");
+    for r in &echo_status.replicas {
+        for c in &r.connections {
+            assert_eq!(c.caller.pid, std::process::id() as i32);
+        }
+    }
+
+    let text = daemon.metrics_text();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shmesh_replicas{service=\"echo\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shmesh_grants_total{service=\"echo\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shmesh_calls_total{service=\"echo\""),
+        "{text}"
+    );
+    assert!(text.contains("code=\"Ok\"} 200"), "{text}");
+
+    // A client built from another schema, and one for a service nobody
+    // serves, are refused with reasons they can act on.
+    let err = Channel::connect(
+        "shm+svc://echo",
+        &options(&daemon, "echo", SchemaHash([8; 32])),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err.refusal(), Some(RefuseReason::SchemaMismatch { server, .. }) if *server == SCHEMA),
+        "{err}"
+    );
+    let err =
+        Channel::connect("shm+svc://nobody", &options(&daemon, "nobody", SCHEMA)).unwrap_err();
+    assert!(
+        matches!(err.refusal(), Some(RefuseReason::NoReplica { .. })),
+        "{err}"
+    );
+    let report = daemon.status();
+    assert_eq!(report.services[0].refusals_total, 1, "{report:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn access_rules_refuse_at_connect_and_name_the_rule() {
+    let _serial = serial();
+    let dir = scratch("access");
+    let uid = rustix::process::geteuid().as_raw();
+    let config = dir.join("shmeshd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[access]\ndefault = \"allow\"\n\n[[access.rules]]\naction = \"deny\"\nservice = \"secret\"\nuid = {uid}\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&dir.join("d.sock"), Some(&config));
+    let _secret = spawn_child("replica", &daemon, "secret");
+    let _open = spawn_child("replica", &daemon, "open");
+    daemon.wait_for("both services", |r| {
+        replicas(r, "secret") == 1 && replicas(r, "open") == 1
+    });
+
+    let err =
+        Channel::connect("shm+svc://secret", &options(&daemon, "secret", SCHEMA)).unwrap_err();
+    assert!(
+        matches!(err.refusal(), Some(RefuseReason::Denied { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("access rule 1"), "{err}");
+    let open = connect(&daemon, "open");
+    assert_eq!(echo(&open, b"hi").unwrap(), b"hi");
+    let report = daemon.status();
+    let secret = report.services.iter().find(|s| s.name == "secret").unwrap();
+    assert_eq!((secret.grants_total, secret.refusals_total), (0, 1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn killed_clients_and_replicas_are_noticed_and_their_grants_revoked() {
+    let _serial = serial();
+    let dir = scratch("killed");
+    let daemon = Daemon::start(&dir.join("d.sock"), None);
+    let mut replica = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("the replica", |r| replicas(r, "echo") == 1);
+
+    // A client process killed mid-calls: its connection goes away.
+    let mut client = spawn_child("client", &daemon, "echo");
+    daemon.wait_for("the client's connection", |r| connections(r, "echo") == [1]);
+    client.kill9();
+    daemon.wait_for("the killed client's connection to go", |r| {
+        connections(r, "echo") == [0]
+    });
+
+    // The replica killed under a live channel: the channel fails with
+    // Unavailable, the replica leaves the registry, new clients are told.
+    let channel = connect(&daemon, "echo");
+    assert_eq!(echo(&channel, b"before").unwrap(), b"before");
+    replica.kill9();
+    let deadline = Instant::now() + WATCHDOG;
+    let status = loop {
+        match echo(&channel, b"after") {
+            Err(status) => break status,
+            Ok(_) => assert!(Instant::now() < deadline, "calls still answered"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+    daemon.wait_for("the replica to go", |r| replicas(r, "echo") == 0);
+    let err = Channel::connect("shm+svc://echo", &options(&daemon, "echo", SCHEMA)).unwrap_err();
+    assert!(
+        matches!(err.refusal(), Some(RefuseReason::NoReplica { .. })),
+        "{err}"
+    );
+
+    // A new replica takes over.
+    let _replacement = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("the new replica", |r| replicas(r, "echo") == 1);
+    assert_eq!(echo(&connect(&daemon, "echo"), b"again").unwrap(), b"again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_restarted_daemon_gets_its_replicas_back_and_connections_never_notice() {
+    let _serial = serial();
+    let dir = scratch("restart");
+    let socket = dir.join("d.sock");
+    let mut daemon = Daemon::start(&socket, None);
+    let _replica = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("the replica", |r| replicas(r, "echo") == 1);
+    let channel = connect(&daemon, "echo");
+    assert_eq!(echo(&channel, b"one").unwrap(), b"one");
+
+    daemon.process.kill9();
+    // Granted connections never touch the daemon.
+    for n in 0..1000u32 {
+        assert_eq!(echo(&channel, &n.to_le_bytes()).unwrap(), n.to_le_bytes());
+    }
+    // New connections cannot be brokered meanwhile.
+    assert!(Channel::connect("shm+svc://echo", &options(&daemon, "echo", SCHEMA)).is_err());
+
+    let daemon = Daemon::start(&socket, None);
+    daemon.wait_for("the replica to register again", |r| {
+        replicas(r, "echo") == 1
+    });
+    assert_eq!(echo(&connect(&daemon, "echo"), b"two").unwrap(), b"two");
+    assert_eq!(echo(&channel, b"three").unwrap(), b"three");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_config_file_is_named_with_its_line_and_key() {
+    let dir = scratch("config");
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, "[metrics]\nenabled = true\ncolour = \"blue\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_shmeshd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(dir.join("d.sock"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let expected = format!(
+        "{}:3:1: key `colour`: unknown field `colour`",
+        config.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
