@@ -589,6 +589,31 @@ pub struct PeerCredentials {
     pub gid: u32,
 }
 
+/// A connection whose set-up someone else did (the host daemon): the
+/// liveness socket, the granted limits, the segment and the client's
+/// doorbell, for [`Channel::from_handed_over`](crate::client::Channel::from_handed_over)
+/// on the client's side and
+/// [`Server::serve_handed_over`](crate::server::Server::serve_handed_over)
+/// on the server's.
+#[derive(Debug)]
+pub struct HandedOver {
+    /// This side's end of the socket pair: it closes when the other side
+    /// dies.
+    pub conn: Connection,
+    /// The connection's id.
+    pub connection_id: u64,
+    /// The limits the connection was granted (the segment was made for
+    /// them).
+    pub granted: Limits,
+    /// The connection's segment.
+    pub segment: std::sync::Arc<shmesh_shm::segment::Segment>,
+    /// The eventfd that wakes the client.
+    pub client_bell: OwnedFd,
+    /// Who the client is, for the server's side (the socket pair's own
+    /// credentials would name whoever made it).
+    pub peer: Option<PeerCredentials>,
+}
+
 /// A connected Unix stream socket carrying framed messages with fds (see
 /// the [module docs](self)).
 #[derive(Debug)]

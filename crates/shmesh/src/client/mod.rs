@@ -418,6 +418,28 @@ impl Channel {
         let segment_fd = segment_fd.ok_or(ChannelError::NoSegment)?;
         let bell_fd = bell_fd.ok_or(ChannelError::NoDoorbell)?;
         let segment = Segment::open(segment_fd)?;
+        Self::from_handed_over(crate::socket::HandedOver {
+            conn,
+            connection_id: welcome.connection_id,
+            granted: welcome.granted,
+            segment,
+            client_bell: bell_fd,
+            peer: None,
+        })
+    }
+
+    /// The client's side of a connection set up by someone else (the host
+    /// daemon, which creates the segment and the socket pair and forwards
+    /// calls through channels of its own): `handed.conn` is the liveness
+    /// socket whose other end the server holds.
+    pub fn from_handed_over(handed: crate::socket::HandedOver) -> Result<Channel, ChannelError> {
+        let crate::socket::HandedOver {
+            conn,
+            granted,
+            segment,
+            client_bell: bell_fd,
+            ..
+        } = handed;
         let ends = ClientEnds::open(&segment, bell_fd)?;
         let max_slab = ends
             .pool
@@ -443,9 +465,9 @@ impl Channel {
             peer_pool: ends.peer_pool,
             server_bell: ends.server_bell,
             client_bell: ends.client_bell,
-            policy: layout::wait_policy(&welcome.granted),
-            max_message: welcome.granted.max_message,
-            granted: welcome.granted.clone(),
+            policy: layout::wait_policy(&granted),
+            max_message: granted.max_message,
+            granted,
             next_call: AtomicU64::new(1),
             pending: Mutex::new(HashMap::default()),
             dead: AtomicBool::new(false),

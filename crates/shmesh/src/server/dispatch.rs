@@ -391,7 +391,7 @@ impl Dispatcher {
                 .break_off(format!("call id {} opened twice", d.call_id));
             return Err(Gone);
         }
-        let Some(route) = self.router.handlers.get(&d.method_id) else {
+        let Some(route) = self.router.route_for(d.method_id) else {
             self.link.discard(&d)?;
             let status =
                 Status::unimplemented(format!("method {} is not served here", d.method_id));
@@ -478,7 +478,7 @@ impl Dispatcher {
         let Some(assembly) = self.assembling.remove(&d.call_id) else {
             return Ok(());
         };
-        let Some(route) = self.router.handlers.get(&assembly.first.method_id) else {
+        let Some(route) = self.router.route_for(assembly.first.method_id) else {
             return Ok(());
         };
         self.unary(
@@ -659,7 +659,7 @@ impl Dispatcher {
                 remaining: deadline::remaining(first.deadline_ns),
                 call: Some(&mailbox),
             };
-            let result = match router.handlers.get(&method) {
+            let result = match router.route_for(method) {
                 Some(Route::Offloaded(handler)) => handler(&request),
                 _ => Err(Status::internal("offloaded method has no blocking handler")),
             };

@@ -196,6 +196,8 @@ impl<'p> Reply<'p> {
 #[derive(Default)]
 pub struct Router {
     handlers: HashMap<u32, Route>,
+    /// The route of every method without one of its own.
+    fallback: Option<Route>,
 }
 
 impl std::fmt::Debug for Router {
@@ -210,6 +212,23 @@ impl Router {
     /// An empty router: every method answers `Unimplemented`.
     pub fn new() -> Self {
         Router::default()
+    }
+
+    /// Serves every method that has no handler of its own with an in-place
+    /// handler on the connection's thread (a proxy, say; the method is in
+    /// [`Request::method`]). Unary calls only: a stream opened on such a
+    /// method is answered `Unimplemented`.
+    pub fn fallback_in_place(
+        mut self,
+        handler: impl Fn(&Request<'_>, &mut Reply<'_>) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.fallback = Some(Route::InPlace(Box::new(handler)));
+        self
+    }
+
+    /// The route for `method`: its own, else the fallback.
+    fn route_for(&self, method: u32) -> Option<&Route> {
+        self.handlers.get(&method).or(self.fallback.as_ref())
     }
 
     /// Serves `method` with `handler` (replacing any earlier handler).
@@ -375,6 +394,8 @@ enum Source {
         source: registration::DaemonSource,
         pending: std::sync::Mutex<Option<registration::Session>>,
     },
+    /// Only connections handed over with [`Server::serve_handed_over`].
+    Detached,
 }
 
 /// A server for one service at one address.
@@ -402,6 +423,7 @@ impl std::fmt::Debug for Server {
         let address = match &self.source {
             Source::Socket(listener) => listener.address().to_string(),
             Source::Daemon { source, .. } => format!("{} (host daemon)", source.daemon),
+            Source::Detached => "(detached)".to_owned(),
         };
         f.debug_struct("Server")
             .field("address", &address)
@@ -522,6 +544,8 @@ enum Wake {
     Connect(Address),
     /// Close its registration with the host daemon.
     Close(Arc<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>),
+    /// Nothing to wake: a detached server waits for nothing.
+    Nothing,
 }
 
 impl ShutdownHandle {
@@ -536,6 +560,7 @@ impl ShutdownHandle {
                 let _ = socket::connect(address);
             }
             Wake::Close(current) => registration::DaemonSource::close(current),
+            Wake::Nothing => {}
         }
     }
 }
@@ -596,6 +621,47 @@ impl Server {
             pending: std::sync::Mutex::new(Some(session)),
         };
         Self::with_source(source, policy, router)
+    }
+
+    /// A server with no socket and no registration, for connections set up
+    /// by someone else and handed over with [`Server::serve_handed_over`]
+    /// (the host daemon's mediated path serves clients this way).
+    pub fn detached(
+        service: &str,
+        schema_hash: SchemaHash,
+        router: Router,
+    ) -> Result<Server, ServerError> {
+        let policy = ServerPolicy::new(ServiceName::new(service)?, schema_hash);
+        Self::with_source(Source::Detached, policy, router)
+    }
+
+    /// Serves a connection set up by someone else, on a thread of its own,
+    /// until it ends (see [`HandedOver`](crate::socket::HandedOver)).
+    pub fn serve_handed_over(
+        &self,
+        handed: crate::socket::HandedOver,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let peer = match handed.peer {
+            Some(peer) => peer,
+            None => match handed.conn.peer_credentials() {
+                Ok(peer) => peer,
+                Err(e) => {
+                    tracing::warn!("cannot identify a handed-over client: {e}");
+                    return None;
+                }
+            },
+        };
+        let established = dispatch::Established {
+            conn: handed.conn,
+            id: handed.connection_id,
+            granted: handed.granted,
+            segment: handed.segment,
+            client_bell: handed.client_bell,
+            peer,
+        };
+        self.spawn_connection(established.id, move |context| {
+            dispatch::serve_established(established, context)
+        })
     }
 
     fn with_source(
@@ -661,6 +727,7 @@ impl Server {
         let wake = match &self.source {
             Source::Socket(listener) => Wake::Connect(listener.address().clone()),
             Source::Daemon { source, .. } => Wake::Close(source.current.clone()),
+            Source::Detached => Wake::Nothing,
         };
         ShutdownHandle {
             shutdown: self.shutdown.clone(),
@@ -694,6 +761,7 @@ impl Server {
                 let session = crate::client::lock(pending).take();
                 self.serve_daemon(source, session)
             }
+            Source::Detached => Vec::new(),
         };
         for c in connections {
             let _ = c.join();
