@@ -18,6 +18,16 @@
 //! service = "billing"         # a service name, or "*"
 //! uid = 1000                  # optional: the caller's effective uid
 //! app = "curl"                # optional: the caller's program name
+//!
+//! [[services]]                # services not listed take the direct path
+//! name = "billing"
+//! path = "mediated"           # calls pass through the engines below
+//!
+//! [[engines]]                 # the pipeline of mediated calls, in order
+//! kind = "rate-limit"         # access, rate-limit, qos, metrics
+//! service = "billing"         # default "*"
+//! rate = 1000.0               # see shmesh_daemon::engine for each kind's keys
+//! burst = 100
 //! ```
 //!
 //! # Example
@@ -40,7 +50,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 /// Everything the daemon can be told.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The daemon's socket (default:
@@ -50,6 +60,32 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Who may connect to which service.
     pub access: AccessConfig,
+    /// Per-service settings (services not listed take the direct path).
+    pub services: Vec<ServiceConfig>,
+    /// The engine pipeline of mediated calls, in order.
+    pub engines: Vec<crate::engine::EngineSpec>,
+}
+
+/// A `[[services]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The service's name.
+    pub name: String,
+    /// Its data path (default `direct`).
+    #[serde(default)]
+    pub path: DataPath,
+}
+
+/// How a service's calls travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// Client and replica share rings; the daemon only grants.
+    #[default]
+    Direct,
+    /// Calls pass through the daemon's engine pipeline.
+    Mediated,
 }
 
 /// The `[metrics]` table.
@@ -137,6 +173,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The data path of `service`.
+    pub fn path_of(&self, service: &str) -> DataPath {
+        self.services
+            .iter()
+            .find(|s| s.name == service)
+            .map_or(DataPath::Direct, |s| s.path)
+    }
+
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -148,20 +192,7 @@ impl Config {
 
     /// Parses `text`; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e: toml::de::Error| {
-            let offset = e.span().map_or(0, |span| span.start);
-            let (line, column) = line_column(text, offset);
-            let key = key_at(text, offset)
-                .map(|k| format!("key `{k}`: "))
-                .unwrap_or_default();
-            ConfigError::Invalid {
-                file: file.to_owned(),
-                line,
-                column,
-                key,
-                message: e.message().trim_end().to_owned(),
-            }
-        })
+        parse_toml(text, file)
     }
 
     /// The socket to listen on: the configured one or the default.
@@ -170,6 +201,27 @@ impl Config {
             .clone()
             .unwrap_or_else(shmesh::endpoint::default_daemon_socket)
     }
+}
+
+/// Parses TOML into `T`; errors name `file`, the line, column and key.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let offset = e.span().map_or(0, |span| span.start);
+        let (line, column) = line_column(text, offset);
+        let key = key_at(text, offset)
+            .map(|k| format!("key `{k}`: "))
+            .unwrap_or_default();
+        ConfigError::Invalid {
+            file: file.to_owned(),
+            line,
+            column,
+            key,
+            message: e.message().trim_end().to_owned(),
+        }
+    })
 }
 
 /// 1-based line and column of byte `offset` in `text`.

@@ -35,6 +35,7 @@
 pub mod access;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod metrics;
 pub mod registry;
 
