@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use comfy_table::{Cell, CellAlignment, Table, presets};
 use shmesh::Address;
-use shmesh::control::{MethodStats, StatusReport};
+use shmesh::control::{ConnectionStatus, MethodStats, StatusReport};
 use shmesh_daemon::query_status;
 
 /// `shmesh status`.
@@ -47,6 +47,119 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: between 50ms and 60m"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `shmesh policy`.
+#[derive(Debug, clap::Args)]
+pub struct PolicyArgs {
+    /// The daemon's socket (default: $SHMESH_DAEMON, else the daemon's
+    /// default).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    action: PolicyAction,
+}
+
+/// What `shmesh policy` does.
+#[derive(Debug, clap::Subcommand)]
+enum PolicyAction {
+    /// List the engines of the mediated path, in order.
+    List,
+    /// Add an engine described by a TOML file (`kind = "rate-limit"` …;
+    /// see `shmesh_daemon::engine`).
+    Add {
+        /// The engine's spec.
+        #[arg(long)]
+        from: PathBuf,
+        /// Where in the pipeline (0 = first; default last).
+        #[arg(long)]
+        position: Option<u32>,
+    },
+    /// Remove an engine; the calls it holds go on downstream.
+    Remove {
+        /// The engine's name.
+        name: String,
+    },
+}
+
+/// `shmesh upgrade`.
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    /// The engine to replace.
+    engine: String,
+    /// The new engine's spec (TOML); its state comes from the old one.
+    #[arg(long)]
+    from: PathBuf,
+    /// The daemon's socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+fn daemon_socket(socket: Option<&PathBuf>) -> Result<Address> {
+    Ok(match socket {
+        Some(path) => {
+            Address::from_path(path).with_context(|| format!("--socket {}", path.display()))?
+        }
+        None => shmesh::endpoint::daemon_socket()?,
+    })
+}
+
+fn read_spec(path: &PathBuf) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Prints the pipeline, or the daemon's refusal.
+fn show_answer(answer: &shmesh::control::PolicyAnswer) -> ExitCode {
+    if answer.engines.is_empty() {
+        println!("no engines: mediated calls go straight to a replica");
+    } else {
+        let mut table = Table::new();
+        table
+            .load_preset(presets::NOTHING)
+            .set_header(["#", "ENGINE", "KIND", "SERVICE", "STATE"]);
+        for (i, e) in answer.engines.iter().enumerate() {
+            table.add_row([
+                Cell::new(i),
+                Cell::new(&e.name),
+                Cell::new(&e.kind),
+                Cell::new(&e.service),
+                Cell::new(&e.description),
+            ]);
+        }
+        println!("{table}");
+    }
+    match &answer.error {
+        Some(error) => {
+            eprintln!("refused: {error}");
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+/// `shmesh policy list|add|remove`.
+pub fn policy(args: &PolicyArgs) -> Result<ExitCode> {
+    use shmesh::control::PolicyRequest;
+    let socket = daemon_socket(args.socket.as_ref())?;
+    let request = match &args.action {
+        PolicyAction::List => PolicyRequest::List,
+        PolicyAction::Add { from, position } => PolicyRequest::Add {
+            spec: read_spec(from)?,
+            position: *position,
+        },
+        PolicyAction::Remove { name } => PolicyRequest::Remove { name: name.clone() },
+    };
+    Ok(show_answer(&shmesh_daemon::query_policy(&socket, request)?))
+}
+
+/// `shmesh upgrade ENGINE --from FILE`.
+pub fn upgrade(args: &UpgradeArgs) -> Result<ExitCode> {
+    let socket = daemon_socket(args.socket.as_ref())?;
+    let request = shmesh::control::PolicyRequest::Upgrade {
+        name: args.engine.clone(),
+        spec: read_spec(&args.from)?,
+    };
+    Ok(show_answer(&shmesh_daemon::query_policy(&socket, request)?))
 }
 
 /// Shows the daemon's services, replicas, connections and per-method rates.
@@ -106,7 +219,7 @@ fn render(before: &StatusReport, now: &StatusReport, interval: Duration) -> Stri
 
     let mut services = Table::new();
     services.load_preset(presets::NOTHING).set_header([
-        "SERVICE", "SCHEMA", "REPLICAS", "CONNS", "GRANTED", "REFUSED",
+        "SERVICE", "PATH", "SCHEMA", "REPLICAS", "CONNS", "GRANTED", "REFUSED",
     ]);
     let mut replicas = Table::new();
     replicas.load_preset(presets::NOTHING).set_header([
@@ -125,9 +238,15 @@ fn render(before: &StatusReport, now: &StatusReport, interval: Duration) -> Stri
     ]);
     let right = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
     for s in &now.services {
-        let conns: usize = s.replicas.iter().map(|r| r.connections.len()).sum();
+        let conns: usize = s
+            .replicas
+            .iter()
+            .map(|r| r.connections.len())
+            .sum::<usize>()
+            + s.mediated_clients.len();
         services.add_row([
             Cell::new(&s.name),
+            Cell::new(&s.path),
             Cell::new(hex_prefix(&s.schema)),
             right(s.replicas.len().to_string()),
             right(conns.to_string()),
@@ -173,23 +292,70 @@ fn render(before: &StatusReport, now: &StatusReport, interval: Duration) -> Stri
                 replicas.add_row(row);
             }
             for c in &r.connections {
-                connections.add_row([
-                    Cell::new(&s.name),
-                    right(r.id.to_string()),
-                    right(c.id.to_string()),
-                    right(c.caller.pid.to_string()),
-                    right(c.caller.uid.to_string()),
-                    Cell::new(&c.caller.app),
-                    right(uptime(c.age_secs)),
-                ]);
+                connections.add_row(connection_row(&s.name, r.id.to_string(), c));
             }
+        }
+        // Mediated clients are connected to the daemon, not to a replica.
+        for c in &s.mediated_clients {
+            connections.add_row(connection_row(&s.name, "shmeshd".into(), c));
         }
     }
     out.push_str(&format!("\n{services}\n\n{replicas}\n"));
+    let mediated: Vec<_> = now
+        .services
+        .iter()
+        .flat_map(|s| s.mediated.iter().map(move |m| (s, m)))
+        .collect();
+    if !mediated.is_empty() {
+        let mut table = Table::new();
+        table
+            .load_preset(presets::NOTHING)
+            .set_header(["MEDIATED", "METHOD", "CALLS", "ERRORS", "P50", "P99"]);
+        for (s, m) in mediated {
+            let errors: u64 = m
+                .by_code
+                .iter()
+                .filter(|(c, _)| *c != 0)
+                .map(|(_, n)| n)
+                .sum();
+            table.add_row([
+                Cell::new(&s.name),
+                right(m.method.to_string()),
+                right(m.calls.to_string()),
+                right(errors.to_string()),
+                right(quantile(&m.latency, 0.5)),
+                right(quantile(&m.latency, 0.99)),
+            ]);
+        }
+        out.push_str(&format!("\n{table}\n"));
+    }
+    if !now.engines.is_empty() {
+        let mut table = Table::new();
+        table
+            .load_preset(presets::NOTHING)
+            .set_header(["ENGINE", "KIND", "SERVICE", "STATE"]);
+        for e in &now.engines {
+            table.add_row([&e.name, &e.kind, &e.service, &e.description]);
+        }
+        out.push_str(&format!("\n{table}\n"));
+    }
     if !connections.is_empty() {
         out.push_str(&format!("\n{connections}\n"));
     }
     out
+}
+
+fn connection_row(service: &str, to: String, c: &ConnectionStatus) -> [Cell; 7] {
+    let right = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
+    [
+        Cell::new(service),
+        right(to),
+        right(c.id.to_string()),
+        right(c.caller.pid.to_string()),
+        right(c.caller.uid.to_string()),
+        Cell::new(&c.caller.app),
+        right(uptime(c.age_secs)),
+    ]
 }
 
 /// The first bytes of a schema hash, enough to tell schemas apart.
@@ -236,6 +402,7 @@ mod tests {
     #[test]
     fn rates_come_from_the_difference_between_samples() {
         let sample = |calls| StatusReport {
+            engines: Vec::new(),
             pid: 9,
             uptime_secs: 61,
             metrics: None,

@@ -60,6 +60,10 @@ enum Command {
     Daemon(shmesh_daemon::cli::DaemonArgs),
     /// Show the daemon's services, replicas, connections and call rates.
     Status(host::StatusArgs),
+    /// List, add or remove the policy engines of the mediated path, live.
+    Policy(host::PolicyArgs),
+    /// Replace a policy engine live, carrying its state over.
+    Upgrade(host::UpgradeArgs),
 }
 
 /// What `demo` measures.
@@ -132,6 +136,14 @@ fn main() -> ExitCode {
         },
         Command::Status(args) => host::status(&args).unwrap_or_else(|e| {
             eprintln!("shmesh status: {e:#}");
+            ExitCode::FAILURE
+        }),
+        Command::Policy(args) => host::policy(&args).unwrap_or_else(|e| {
+            eprintln!("shmesh policy: {e:#}");
+            ExitCode::FAILURE
+        }),
+        Command::Upgrade(args) => host::upgrade(&args).unwrap_or_else(|e| {
+            eprintln!("shmesh upgrade: {e:#}");
             ExitCode::FAILURE
         }),
         Command::Demo(args) => match demo(&args) {

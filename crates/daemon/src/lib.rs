@@ -36,30 +36,31 @@ pub mod access;
 pub mod cli;
 pub mod config;
 pub mod engine;
+mod handover;
+mod mediator;
 pub mod metrics;
 pub mod registry;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use shmesh::Address;
 use shmesh::control::{
-    self, Adoption, Caller, ConnectionStatus, FromDaemon, ReplicaStats, ReplicaStatus,
-    ServiceStatus, StatusReport, ToDaemon,
+    self, Caller, ConnectionStatus, FromDaemon, ReplicaStats, ReplicaStatus, ServiceStatus,
+    StatusReport, ToDaemon,
 };
-use shmesh::handshake::{
-    self, FdRole, FdRoles, Hello, Msg, Refuse, RefuseReason, ServerPolicy, Welcome,
-};
+use shmesh::handshake::{self, Msg, Refuse, RefuseReason, ServerPolicy};
 use shmesh::socket::{Connection, Listener};
-use shmesh::{Address, layout};
 use thiserror::Error;
 
 use crate::access::AccessRules;
-use crate::config::{Action, Config};
+use crate::config::{Action, Config, DataPath};
+use crate::handover::HandOver;
 use crate::registry::{Pick, Registry};
 
 /// How long a process may take to send its first message.
@@ -89,6 +90,9 @@ pub enum DaemonError {
     /// The socket cannot be bound (another daemon may be running).
     #[error(transparent)]
     Bind(#[from] shmesh::BindError),
+    /// The configured engine pipeline cannot be built.
+    #[error("config: {0}")]
+    Pipeline(#[from] engine::PipelineError),
     /// The metrics endpoint cannot start.
     #[error("cannot serve metrics on {address}: {source}")]
     Metrics {
@@ -105,7 +109,15 @@ type Link = Arc<Mutex<Connection>>;
 /// What every thread of the daemon shares.
 pub(crate) struct State {
     registry: Mutex<Registry<Link>>,
+    /// Bumped whenever a replica comes or goes (the mediators watch it).
+    generation: Arc<AtomicU64>,
     access: AccessRules,
+    config: Config,
+    pipeline: Arc<engine::Pipeline>,
+    /// Mediated services, by name and schema.
+    mediators: Mutex<HashMap<(String, handshake::SchemaHash), Arc<mediator::Mediator>>>,
+    /// The daemon as a client of replicas.
+    identity: Caller,
     started: Instant,
     metrics: Option<std::net::SocketAddr>,
     scrapes: Scrapes,
@@ -206,9 +218,20 @@ impl Daemon {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs());
+        let pipeline = Arc::new(engine::Pipeline::new(&config.engines)?);
         let state = Arc::new(State {
             registry: Mutex::new(Registry::new(epoch << 24)),
+            generation: Arc::new(AtomicU64::new(0)),
             access: AccessRules::new(config.access.clone()),
+            config: config.clone(),
+            pipeline,
+            mediators: Mutex::new(HashMap::new()),
+            identity: Caller {
+                pid: std::process::id() as i32,
+                uid: rustix::process::geteuid().as_raw(),
+                gid: rustix::process::getegid().as_raw(),
+                app: "shmeshd".into(),
+            },
             started: Instant::now(),
             metrics: metrics_server.as_ref().map(|m| m.address()),
             scrapes: Scrapes::default(),
@@ -315,6 +338,10 @@ fn serve(mut conn: Connection, state: &Arc<State>) {
             let answer = control::encode(&FromDaemon::Status(report(state)));
             let _ = conn.send_msg(&answer, &[]);
         }
+        Ok(ToDaemon::Policy(request)) => {
+            let answer = handover::policy(state, &caller, request);
+            let _ = conn.send_msg(&control::encode(&FromDaemon::Policy(answer)), &[]);
+        }
         Ok(other) => tracing::warn!(
             pid = caller.pid,
             "unexpected first message {other:?}; closing"
@@ -364,6 +391,8 @@ fn replica_session(
     };
     let service = policy.service.to_string();
     let id = lock(&state.registry).add_replica(process.clone(), policy, send.clone());
+    // Relaxed: mediators only compare it with what they saw last.
+    state.generation.fetch_add(1, Ordering::Relaxed);
     let registered = control::encode(&FromDaemon::Registered { replica: id });
     if lock(&send).send_msg(&registered, &[]).is_err() || conn.set_read_timeout(None).is_err() {
         lock(&state.registry).remove_replica(id);
@@ -411,7 +440,9 @@ fn replica_session(
             }
         }
     }
-    if let Some(replica) = lock(&state.registry).remove_replica(id) {
+    let removed = lock(&state.registry).remove_replica(id);
+    state.generation.fetch_add(1, Ordering::Relaxed);
+    if let Some(replica) = removed {
         tracing::info!(
             service,
             replica = id,
@@ -519,7 +550,10 @@ fn broker(mut conn: Connection, caller: Caller, bytes: &[u8], state: &Arc<State>
                 return refuse(&mut conn, refusal.reason().clone(), why, message);
             }
         };
-        match hand_over(&mut conn, &hello, &granted, id, &caller, &link) {
+        if state.config.path_of(&service) == DataPath::Mediated {
+            return handover::mediate(conn, &hello, &granted, id, caller, state);
+        }
+        match handover::hand_over(&mut conn, &hello, &granted, id, &caller, &link) {
             Ok(()) => {
                 lock(&state.registry).grant(replica, id, caller.clone());
                 tracing::info!(
@@ -539,6 +573,7 @@ fn broker(mut conn: Connection, caller: Caller, bytes: &[u8], state: &Arc<State>
                     "cannot hand a connection to the replica: {e}"
                 );
                 lock(&state.registry).remove_replica(replica);
+                state.generation.fetch_add(1, Ordering::Relaxed);
             }
             Err(HandOver::Client(e)) => {
                 tracing::info!(
@@ -559,63 +594,6 @@ fn broker(mut conn: Connection, caller: Caller, bytes: &[u8], state: &Arc<State>
     };
     let message = format!("no replica of {service:?} took the connection");
     refuse(&mut conn, reason, "no_replica", message);
-}
-
-/// Why a hand-over failed.
-#[derive(Debug, Error)]
-enum HandOver {
-    #[error("{0}")]
-    Setup(String),
-    #[error("{0}")]
-    Replica(String),
-    #[error("{0}")]
-    Client(String),
-}
-
-/// Creates connection `id`'s segment, doorbell and socket pair, gives the
-/// replica its ends, then the client its own.
-fn hand_over(
-    client: &mut Connection,
-    hello: &Hello,
-    granted: &handshake::Limits,
-    id: u64,
-    caller: &Caller,
-    replica: &Link,
-) -> Result<(), HandOver> {
-    let setup = |e: &dyn std::fmt::Display| HandOver::Setup(e.to_string());
-    // The segment number only names the memfd and tags handles; the
-    // connection id's low bits keep it distinct among live connections.
-    let segment = layout::create(id as u32, granted).map_err(|e| setup(&e))?;
-    let bell = layout::client_bell_fd().map_err(|e| setup(&e))?;
-    let (server_end, client_end) = UnixStream::pair().map_err(|e| setup(&e))?;
-    let roles = FdRoles::new(vec![
-        FdRole::Liveness,
-        FdRole::Segment,
-        FdRole::ClientDoorbell,
-    ])
-    .map_err(|e| setup(&e))?;
-    let welcome = handshake::encode(&Msg::Welcome(Welcome {
-        protocol_version: hello.protocol_version,
-        granted: granted.clone(),
-        connection_id: id,
-        fds: roles,
-    }));
-    let adopt = control::encode(&FromDaemon::Adopt(Adoption {
-        welcome: welcome.clone(),
-        caller: caller.clone(),
-    }));
-    let server_fds: [BorrowedFd<'_>; 3] = [server_end.as_fd(), segment.fd(), bell.as_fd()];
-    lock(replica)
-        .send_msg(&adopt, &server_fds)
-        .map_err(|e| HandOver::Replica(e.to_string()))?;
-    let client_fds: [BorrowedFd<'_>; 3] = [client_end.as_fd(), segment.fd(), bell.as_fd()];
-    client
-        .send_msg(&welcome, &client_fds)
-        .map_err(|e| HandOver::Client(e.to_string()))?;
-    // The daemon's copies go here: from now on only the two sides map the
-    // segment, and only they hold the socket pair.
-    drop((segment, bell, server_end, client_end));
-    Ok(())
 }
 
 impl Scrapes {
@@ -661,11 +639,44 @@ pub(crate) fn report(state: &State) -> StatusReport {
         .map(|(id, link)| (id, link.clone()))
         .collect();
     let mut stats = state.scrapes.collect(links);
+    let mediators: Vec<((String, handshake::SchemaHash), Arc<mediator::Mediator>)> =
+        lock(&state.mediators)
+            .iter()
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect();
+    let stages = state.pipeline.stages();
     let registry = lock(&state.registry);
     let now = Instant::now();
     let services = registry
         .services()
         .map(|(name, service)| ServiceStatus {
+            path: match state.config.path_of(name) {
+                DataPath::Direct => "direct".into(),
+                DataPath::Mediated => "mediated".into(),
+            },
+            mediated_clients: mediators
+                .iter()
+                .filter(|((service, _), _)| service == name)
+                .flat_map(|(_, m)| m.server.stats().snapshot().connections)
+                .map(|c| ConnectionStatus {
+                    id: c.id,
+                    caller: Caller {
+                        pid: c.peer.pid,
+                        uid: c.peer.uid,
+                        gid: c.peer.gid,
+                        app: std::fs::read_to_string(format!("/proc/{}/comm", c.peer.pid))
+                            .map(|s| s.trim_end().to_owned())
+                            .unwrap_or_default(),
+                    },
+                    age_secs: 0,
+                })
+                .collect(),
+            mediated: stages
+                .iter()
+                .flat_map(|stage| stage.engine.counters())
+                .filter(|(service, _)| service == name)
+                .map(|(_, m)| m)
+                .collect(),
             name: name.to_owned(),
             schema: service
                 .replicas
@@ -699,29 +710,47 @@ pub(crate) fn report(state: &State) -> StatusReport {
         uptime_secs: state.started.elapsed().as_secs(),
         metrics: state.metrics.map(|a| a.to_string()),
         services,
+        engines: handover::engines(&state.pipeline),
     }
 }
 
 /// Asks the daemon at `socket` for its [`StatusReport`].
 pub fn query_status(socket: &Address) -> Result<StatusReport, StatusError> {
-    let mut conn = shmesh::socket::connect(socket).map_err(|source| StatusError::Unreachable {
-        socket: socket.clone(),
-        source: Box::new(source),
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(StatusError::Io)?;
-    conn.send_msg(&control::encode(&ToDaemon::Status), &[])
-        .map_err(|e| StatusError::Io(std::io::Error::other(e)))?;
-    let (bytes, _) = conn
-        .recv_msg(0)
-        .map_err(|e| StatusError::Io(std::io::Error::other(e)))?;
-    match control::decode_from_daemon(&bytes)? {
+    match ask(socket, &ToDaemon::Status)? {
         FromDaemon::Status(report) => Ok(report),
         _ => Err(StatusError::Unexpected),
     }
 }
 
-/// A status query failed.
+/// Sends the daemon at `socket` a policy request (`shmesh policy`,
+/// `shmesh upgrade`); its answer says whether it was carried out.
+pub fn query_policy(
+    socket: &Address,
+    request: control::PolicyRequest,
+) -> Result<control::PolicyAnswer, StatusError> {
+    match ask(socket, &ToDaemon::Policy(request))? {
+        FromDaemon::Policy(answer) => Ok(answer),
+        _ => Err(StatusError::Unexpected),
+    }
+}
+
+/// One question, one answer.
+fn ask(socket: &Address, question: &ToDaemon) -> Result<FromDaemon, StatusError> {
+    let mut conn = shmesh::socket::connect(socket).map_err(|source| StatusError::Unreachable {
+        socket: socket.clone(),
+        source: Box::new(source),
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(StatusError::Io)?;
+    conn.send_msg(&control::encode(question), &[])
+        .map_err(|e| StatusError::Io(std::io::Error::other(e)))?;
+    let (bytes, _) = conn
+        .recv_msg(0)
+        .map_err(|e| StatusError::Io(std::io::Error::other(e)))?;
+    Ok(control::decode_from_daemon(&bytes)?)
+}
+
+/// A query to the daemon failed.
 #[derive(Debug, Error)]
 pub enum StatusError {
     /// The daemon is not there.
@@ -739,6 +768,6 @@ pub enum StatusError {
     #[error("unreadable status answer: {0}")]
     Malformed(#[from] control::ControlError),
     /// The daemon answered something else.
-    #[error("the daemon answered a status query with something else")]
+    #[error("the daemon answered with something else than was asked")]
     Unexpected,
 }

@@ -175,6 +175,15 @@ impl<L> Registry<L> {
             .and_then(|r| r.connections.remove(&id))
     }
 
+    /// Counts a connection to `service` granted on the mediated path (the
+    /// daemon serves it; no replica holds it).
+    pub fn granted(&mut self, service: &str) {
+        self.services
+            .entry(service.to_owned())
+            .or_default()
+            .grants_total += 1;
+    }
+
     /// Counts a refused request for `service`.
     pub fn refused(&mut self, service: &str, reason: &'static str) {
         let s = self.services.entry(service.to_owned()).or_default();

@@ -79,6 +79,60 @@ pub enum ToDaemon {
     /// The first and only message of a status query: answered by
     /// [`FromDaemon::Status`], then the daemon closes the connection.
     Status,
+    /// The first and only message of a change to (or a listing of) the
+    /// engine pipeline: answered by [`FromDaemon::Policy`]. Changes are
+    /// accepted from root and from the daemon's own user only.
+    Policy(PolicyRequest),
+}
+
+/// What to do to the engine pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyRequest {
+    /// List the engines.
+    List,
+    /// Add the engine the TOML spec describes, at `position` (the end if
+    /// `None`).
+    Add {
+        /// The engine's spec (TOML).
+        spec: String,
+        /// Where it goes.
+        position: Option<u32>,
+    },
+    /// Remove an engine; the calls it holds go on downstream.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Replace an engine by the one the spec describes, carrying its state
+    /// over; the calls it holds enter the new one.
+    Upgrade {
+        /// The engine's name.
+        name: String,
+        /// The new engine's spec (TOML).
+        spec: String,
+    },
+}
+
+/// The answer to a [`PolicyRequest`]: the pipeline after it, or why not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyAnswer {
+    /// Why the request was not carried out, if it was not.
+    pub error: Option<String>,
+    /// The engines, in order.
+    pub engines: Vec<EngineStatus>,
+}
+
+/// One engine of the pipeline.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// The service it applies to, or `*`.
+    pub service: String,
+    /// What it does and has done.
+    pub description: String,
 }
 
 /// A replica's registration.
@@ -121,6 +175,8 @@ pub enum FromDaemon {
     },
     /// The answer to [`ToDaemon::Status`].
     Status(StatusReport),
+    /// The answer to [`ToDaemon::Policy`].
+    Policy(PolicyAnswer),
 }
 
 /// A client connection handed to a replica.
@@ -181,6 +237,8 @@ pub struct StatusReport {
     pub metrics: Option<String>,
     /// Services with at least one replica, by name.
     pub services: Vec<ServiceStatus>,
+    /// The engine pipeline of mediated calls.
+    pub engines: Vec<EngineStatus>,
 }
 
 /// A service and its replicas.
@@ -197,6 +255,13 @@ pub struct ServiceStatus {
     pub refusals_total: u64,
     /// Its replicas, by id.
     pub replicas: Vec<ReplicaStatus>,
+    /// `direct` or `mediated`.
+    pub path: String,
+    /// Clients connected to the daemon on the mediated path.
+    pub mediated_clients: Vec<ConnectionStatus>,
+    /// Calls on the mediated path as the daemon measured them (forwarding
+    /// included), from its metrics engines.
+    pub mediated: Vec<MethodStats>,
 }
 
 /// A replica and its connections.
@@ -358,6 +423,14 @@ mod tests {
                 },
             },
             ToDaemon::Status,
+            ToDaemon::Policy(PolicyRequest::Upgrade {
+                name: "limit".into(),
+                spec: "kind = \"qos\"".into(),
+            }),
+            ToDaemon::Policy(PolicyRequest::Add {
+                spec: String::new(),
+                position: Some(0),
+            }),
         ];
         for m in to {
             assert_eq!(decode_to_daemon(&encode(&m)).unwrap(), m);
@@ -373,10 +446,20 @@ mod tests {
             }),
             FromDaemon::Revoke { connection: 2 },
             FromDaemon::StatsRequest { request: 5 },
+            FromDaemon::Policy(PolicyAnswer {
+                error: Some("no".into()),
+                engines: vec![EngineStatus {
+                    name: "limit".into(),
+                    kind: "rate-limit".into(),
+                    service: "*".into(),
+                    description: "1 calls/s".into(),
+                }],
+            }),
             FromDaemon::Status(StatusReport {
                 pid: 1,
                 uptime_secs: 2,
                 metrics: Some("127.0.0.1:9464".into()),
+                engines: Vec::new(),
                 services: vec![ServiceStatus {
                     name: "echo".into(),
                     replicas: vec![ReplicaStatus {

@@ -231,5 +231,6 @@ pub(crate) fn kind(m: &FromDaemon) -> &'static str {
         FromDaemon::Revoke { .. } => "Revoke",
         FromDaemon::StatsRequest { .. } => "StatsRequest",
         FromDaemon::Status(_) => "Status",
+        FromDaemon::Policy(_) => "Policy",
     }
 }

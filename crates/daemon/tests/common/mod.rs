@@ -1,0 +1,233 @@
+//! Fixtures shared by the daemon's process tests: `shmeshd` as a child
+//! process, replicas and clients as this test binary started again.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shmesh::client::{Channel, ChannelOptions};
+use shmesh::control::StatusReport;
+use shmesh::server::{Router, Server};
+use shmesh::{Address, SchemaHash};
+
+pub const SCHEMA: SchemaHash = SchemaHash([7; 32]);
+pub const ECHO: u32 = 1;
+/// A second method, for per-method rules.
+pub const ECHO_TOO: u32 = 2;
+/// How long any condition may take to come true before the test fails.
+pub const WATCHDOG: Duration = Duration::from_secs(30);
+/// The variable that makes this binary a child process.
+const ROLE: &str = "SHMESHD_TEST_ROLE";
+
+/// These tests start several processes each; one at a time keeps the two
+/// cores from being oversubscribed.
+pub static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Reaped {
+    pub fn kill9(&mut self) {
+        self.0.kill().unwrap(); // SIGKILL
+        self.0.wait().unwrap();
+    }
+}
+
+/// A scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shmeshd-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running `shmeshd`, its socket and metrics address, and its log.
+pub struct Daemon {
+    pub process: Reaped,
+    pub socket: PathBuf,
+    pub metrics: Option<String>,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn start(socket: &Path, config: Option<&Path>) -> Daemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shmeshd"));
+        command
+            .arg("--socket")
+            .arg(socket)
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.strip_prefix("metrics at http://") {
+                        let _ = tx.send(rest.trim_end_matches("/metrics").to_owned());
+                    }
+                    log.lock().unwrap().push_str(&(line + "\n"));
+                }
+            });
+        }
+        let process = Reaped(child);
+        let metrics = rx.recv_timeout(WATCHDOG).ok();
+        assert!(
+            metrics.is_some(),
+            "shmeshd did not start:\n{}",
+            log.lock().unwrap()
+        );
+        Daemon {
+            process,
+            socket: socket.to_owned(),
+            metrics,
+            log,
+        }
+    }
+
+    pub fn address(&self) -> Address {
+        Address::from_path(&self.socket).unwrap()
+    }
+
+    pub fn status(&self) -> StatusReport {
+        shmesh_daemon::query_status(&self.address()).unwrap()
+    }
+
+    /// Waits until the daemon's status satisfies `what`.
+    pub fn wait_for(
+        &self,
+        description: &str,
+        what: impl Fn(&StatusReport) -> bool,
+    ) -> StatusReport {
+        let deadline = Instant::now() + WATCHDOG;
+        loop {
+            let report = self.status();
+            if what(&report) {
+                return report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {WATCHDOG:?} for {description}; last status: {report:#?}\nlog:\n{}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let address = self.metrics.as_ref().expect("metrics are on");
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: shmeshd\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+}
+
+pub fn replicas(report: &StatusReport, service: &str) -> usize {
+    report
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map_or(0, |s| s.replicas.len())
+}
+
+pub fn connections(report: &StatusReport, service: &str) -> Vec<usize> {
+    report
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .map_or(Vec::new(), |s| {
+            s.replicas.iter().map(|r| r.connections.len()).collect()
+        })
+}
+
+/// Starts this binary again as a child playing `role`.
+pub fn spawn_child(role: &str, daemon: &Daemon, service: &str) -> Reaped {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--ignored", "--nocapture", "--quiet"])
+        .env(ROLE, role)
+        .env("SHMESHD_TEST_SOCKET", &daemon.socket)
+        .env("SHMESHD_TEST_SERVICE", service)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Reaped(child)
+}
+
+pub fn options(daemon: &Daemon, service: &str, schema: SchemaHash) -> ChannelOptions {
+    let mut options = ChannelOptions::new(service, schema);
+    options.daemon = Some(daemon.address());
+    options
+}
+
+pub fn connect(daemon: &Daemon, service: &str) -> Channel {
+    Channel::connect(
+        &format!("shm+svc://{service}"),
+        &options(daemon, service, SCHEMA),
+    )
+    .unwrap()
+}
+
+pub fn echo(channel: &Channel, body: &[u8]) -> Result<Vec<u8>, shmesh::status::Status> {
+    channel
+        .call(ECHO, body, Some(Duration::from_secs(10)))
+        .map(|r| r.to_vec())
+}
+
+/// The body of each test binary's `child` entry point: a replica serving echo, or a client
+/// calling it in a loop. Does nothing unless started by [`spawn_child`].
+pub fn run_child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let socket = Address::from_path(std::env::var("SHMESHD_TEST_SOCKET").unwrap()).unwrap();
+    let service = std::env::var("SHMESHD_TEST_SERVICE").unwrap();
+    match role.as_str() {
+        "replica" => {
+            let router = Router::new()
+                .route(ECHO, |request| Ok(request.payload.to_vec()))
+                .route(ECHO_TOO, |request| Ok(request.payload.to_vec()));
+            let server = Server::register_with(&socket, &service, SCHEMA, router).unwrap();
+            server.serve();
+        }
+        "client" => {
+            let mut options = ChannelOptions::new(service.as_str(), SCHEMA);
+            options.daemon = Some(socket);
+            let channel = Channel::connect(&format!("shm+svc://{service}"), &options).unwrap();
+            let mut n = 0u64;
+            loop {
+                let body = n.to_le_bytes();
+                assert_eq!(echo(&channel, &body).unwrap(), body);
+                n += 1;
+            }
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
