@@ -201,11 +201,19 @@ enum Limit {
 #[cfg(not(loom))]
 const SPINS_PER_CLOCK_READ: u32 = 64;
 
-/// How many spins pass between two yields of the CPU (about 10 µs): costs a
-/// system call per long spin, and saves a time slice of latency when the
-/// peer shares our CPU.
+/// How many spins pass before a wait starts yielding the CPU (about 2.5 µs):
+/// a peer that is running answers a round trip well within that, so an
+/// uncontended wait never pays for a system call.
 #[cfg(not(loom))]
-const SPINS_PER_YIELD: u32 = 256;
+const SPINS_BEFORE_YIELDING: u32 = 64;
+
+/// How many spins pass between two yields after that (about 0.3 µs). A wait
+/// this long suggests more spinning threads than cores (a client, the
+/// daemon's forwarder and a replica on two cores, say): the thread we wait
+/// for may be queued behind us on this very CPU, and a yield lets it run at
+/// once instead of after a time slice.
+#[cfg(not(loom))]
+const SPINS_PER_YIELD: u32 = 8;
 
 #[cfg(not(loom))]
 fn wait_until(
@@ -245,7 +253,7 @@ fn wait_until(
                     break;
                 }
             }
-            if turns % SPINS_PER_YIELD == 0 {
+            if turns >= SPINS_BEFORE_YIELDING && turns % SPINS_PER_YIELD == 0 {
                 // On an oversubscribed machine the peer we wait for may be
                 // queued behind us on this very CPU: let it run.
                 std::thread::yield_now();

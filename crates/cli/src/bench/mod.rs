@@ -41,6 +41,12 @@ pub enum Peer {
     ShmeshBlock,
     /// shmesh unary calls, tokio client (`AsyncChannel`), adaptive waiting.
     ShmeshAsyncAdaptive,
+    /// shmesh-poll through the host daemon on the direct path (connection
+    /// brokered by shmeshd, calls straight to the replica).
+    ShmeshDirectDaemon,
+    /// Through shmeshd on the mediated path (metrics, access control and a
+    /// rate limit in the daemon), adaptive waiting.
+    ShmeshMediated,
     /// tonic gRPC over TCP on 127.0.0.1.
     TonicTcp,
     /// tonic gRPC over a Unix domain socket.
@@ -53,11 +59,13 @@ pub enum Peer {
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 8] = [
+    pub const ALL: [Peer; 10] = [
         Peer::ShmeshPoll,
         Peer::ShmeshAdaptive,
         Peer::ShmeshBlock,
         Peer::ShmeshAsyncAdaptive,
+        Peer::ShmeshDirectDaemon,
+        Peer::ShmeshMediated,
         Peer::TonicTcp,
         Peer::TonicUds,
         Peer::RawFloor,
@@ -71,6 +79,8 @@ impl Peer {
             Peer::ShmeshAdaptive => "shmesh-adaptive",
             Peer::ShmeshBlock => "shmesh-block",
             Peer::ShmeshAsyncAdaptive => "shmesh-async-adaptive",
+            Peer::ShmeshDirectDaemon => "shmesh-direct-daemon",
+            Peer::ShmeshMediated => "shmesh-mediated",
             Peer::TonicTcp => "tonic-tcp",
             Peer::TonicUds => "tonic-uds",
             Peer::RawFloor => "raw-floor",
@@ -129,6 +139,14 @@ pub enum PeerServer {
         /// Where to listen (`shm://…`).
         address: String,
     },
+    /// A host daemon listening in DIR and a shmesh echo registered with it.
+    ShmeshDaemon {
+        /// The daemon's directory.
+        dir: PathBuf,
+        /// Serve the echo on the mediated path.
+        #[arg(long)]
+        mediated: bool,
+    },
     /// A tonic echo server on an ephemeral TCP port of 127.0.0.1.
     TonicTcp,
     /// A tonic echo server on a Unix domain socket.
@@ -151,6 +169,9 @@ pub enum PeerServer {
 pub fn run_peer(args: &PeerArgs) -> ExitCode {
     let result: Result<()> = match &args.server {
         PeerServer::Shmesh { address } => shmesh_peer::serve(address).map_err(Into::into),
+        PeerServer::ShmeshDaemon { dir, mediated } => {
+            shmesh_peer::serve_via_daemon(dir, *mediated).map_err(Into::into)
+        }
         PeerServer::TonicTcp => {
             tonic_peer::serve(tonic_peer::Transport::Tcp, None).map_err(Into::into)
         }
@@ -304,19 +325,23 @@ enum Session {
 impl Session {
     fn start(peer: Peer, exe: &Path, max_size: usize) -> Result<Session> {
         use shmesh::WaitMode;
-        let shmesh = |mode, asynchronous| -> Result<Session> {
+        use shmesh_peer::Route;
+        let shmesh = |mode, asynchronous, route| -> Result<Session> {
             Ok(Session::Shmesh(shmesh_peer::Session::start(
                 exe,
                 peer.name(),
                 mode,
                 asynchronous,
+                route,
             )?))
         };
         Ok(match peer {
-            Peer::ShmeshPoll => shmesh(WaitMode::Poll, false)?,
-            Peer::ShmeshAdaptive => shmesh(WaitMode::Adaptive, false)?,
-            Peer::ShmeshBlock => shmesh(WaitMode::Block, false)?,
-            Peer::ShmeshAsyncAdaptive => shmesh(WaitMode::Adaptive, true)?,
+            Peer::ShmeshPoll => shmesh(WaitMode::Poll, false, Route::Socket)?,
+            Peer::ShmeshAdaptive => shmesh(WaitMode::Adaptive, false, Route::Socket)?,
+            Peer::ShmeshBlock => shmesh(WaitMode::Block, false, Route::Socket)?,
+            Peer::ShmeshAsyncAdaptive => shmesh(WaitMode::Adaptive, true, Route::Socket)?,
+            Peer::ShmeshDirectDaemon => shmesh(WaitMode::Poll, false, Route::DaemonDirect)?,
+            Peer::ShmeshMediated => shmesh(WaitMode::Adaptive, false, Route::DaemonMediated)?,
             Peer::TonicTcp => {
                 Session::Tonic(tonic_peer::Session::start(exe, tonic_peer::Transport::Tcp)?)
             }

@@ -80,26 +80,94 @@ pub fn limits(wait_mode: WaitMode) -> Result<Limits, ShmeshPeerError> {
     })
 }
 
-/// Server side (`__bench-peer shmesh`): serves the echo at `address` until
-/// the benchmark closes our stdin.
-pub fn serve(address: &str) -> Result<(), ShmeshPeerError> {
-    let router = Router::new().route_in_place(ECHO, |request, reply| {
+/// The echo router: the request copied in place into the reply slab.
+fn echo_router() -> Router {
+    Router::new().route_in_place(ECHO, |request, reply| {
         if !request.payload.is_empty() {
             reply
                 .loan(request.payload.len())?
                 .copy_from_slice(request.payload);
         }
         Ok(())
-    });
-    let mut server = Server::bind(address, SERVICE, SCHEMA, router)?;
-    // Let the client choose any wait mode, polling included.
-    server.set_max_limits(Limits {
+    })
+}
+
+/// The most a benchmark server grants: any wait mode, polling included.
+fn server_limits() -> Result<Limits, ShmeshPeerError> {
+    Ok(Limits {
         spin_ns: u64::MAX,
         ..limits(WaitMode::Poll)?
-    });
+    })
+}
+
+/// Server side (`__bench-peer shmesh`): serves the echo at `address` until
+/// the benchmark closes our stdin.
+pub fn serve(address: &str) -> Result<(), ShmeshPeerError> {
+    let mut server = Server::bind(address, SERVICE, SCHEMA, echo_router())?;
+    server.set_max_limits(server_limits()?);
     control::announce_and_answer(address)?;
     server.serve();
     Ok(())
+}
+
+/// Server side through the host daemon (`__bench-peer shmesh-daemon`): a
+/// daemon listening in `dir`, and the echo registered with it as a
+/// replica. Both run in this process, so the row's server CPU counts the
+/// daemon's too; calls still cross between the client's process and this
+/// one through shared memory, and on the mediated path between the
+/// daemon's threads and the replica's through a connection of their own.
+/// The mediated pipeline is what the issue measures: metrics, access
+/// control and a rate limit that never throttles.
+pub fn serve_via_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerError> {
+    use shmesh_daemon::config::{Config, DataPath, ServiceConfig};
+    let socket = dir.join("shmeshd.sock");
+    let mut config = Config {
+        socket: Some(socket.clone()),
+        ..Config::default()
+    };
+    config.metrics.enabled = false;
+    if mediated {
+        config.services.push(ServiceConfig {
+            name: SERVICE.into(),
+            path: DataPath::Mediated,
+        });
+        let uid = rustix::process::geteuid().as_raw();
+        for spec in [
+            "kind = \"metrics\"\n".to_owned(),
+            format!(
+                "kind = \"access\"\ndefault = \"deny\"\n[[rules]]\naction = \"allow\"\nuid = {uid}\n"
+            ),
+            "kind = \"rate-limit\"\nrate = 1e12\nburst = 1000000\n".to_owned(),
+        ] {
+            let spec = shmesh_daemon::engine::EngineSpec::parse(&spec, "bench engine")
+                .map_err(|e| ShmeshPeerError::Unservable(e.to_string()))?;
+            config.engines.push(spec);
+        }
+    }
+    let daemon = shmesh_daemon::Daemon::bind(config)
+        .map_err(|e| ShmeshPeerError::Unservable(format!("cannot start shmeshd: {e}")))?;
+    std::thread::Builder::new()
+        .name("shmeshd".into())
+        .spawn(move || daemon.run())
+        .map_err(ShmeshPeerError::Runtime)?;
+    let address = shmesh::Address::from_path(&socket)
+        .map_err(|e| ShmeshPeerError::Unservable(e.to_string()))?;
+    let mut server = Server::register_with(&address, SERVICE, SCHEMA, echo_router())?;
+    server.set_max_limits(server_limits()?);
+    control::announce_and_answer(&socket.display().to_string())?;
+    server.serve();
+    Ok(())
+}
+
+/// How a session's client reaches its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The server's own socket.
+    Socket,
+    /// Through a host daemon, on the direct path.
+    DaemonDirect,
+    /// Through a host daemon, on the mediated path.
+    DaemonMediated,
 }
 
 /// Which client a session uses.
@@ -116,6 +184,8 @@ pub struct Session {
     // The client goes first: the server must outlive the connection.
     client: Client,
     server: PeerProcess,
+    /// The daemon's directory, removed at the end.
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Session {
@@ -127,13 +197,39 @@ impl Session {
         label: &str,
         mode: WaitMode,
         asynchronous: bool,
+        route: Route,
     ) -> Result<Self, ShmeshPeerError> {
-        let address = format!("shm://@shmesh-bench-{}-{label}", std::process::id());
-        tracing::debug!(%address, mode = mode_name(mode), asynchronous, "starting a shmesh peer");
-        let args = ["__bench-peer", "shmesh", &address].map(String::from);
-        let (server, _) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
         let mut options = ChannelOptions::new(SERVICE, SCHEMA);
         options.limits = limits(mode)?;
+        let mut dir = None;
+        let (server, address) = match route {
+            Route::Socket => {
+                let address = format!("shm://@shmesh-bench-{}-{label}", std::process::id());
+                let args = ["__bench-peer", "shmesh", &address].map(String::from);
+                let (server, _) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
+                (server, address)
+            }
+            Route::DaemonDirect | Route::DaemonMediated => {
+                let path = std::env::temp_dir()
+                    .join(format!("shmesh-bench-{}-{label}", std::process::id()));
+                let mut args = vec![
+                    "__bench-peer".to_owned(),
+                    "shmesh-daemon".to_owned(),
+                    path.display().to_string(),
+                ];
+                dir = Some(path);
+                if route == Route::DaemonMediated {
+                    args.push("--mediated".into());
+                }
+                let (server, socket) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
+                options.daemon = Some(
+                    shmesh::Address::from_path(&socket)
+                        .map_err(|e| ShmeshPeerError::Unservable(e.to_string()))?,
+                );
+                (server, format!("shm+svc://{SERVICE}"))
+            }
+        };
+        tracing::debug!(%address, mode = mode_name(mode), asynchronous, "connecting to a shmesh peer");
         let channel = Channel::connect(&address, &options)?;
         let granted = channel.limits();
         if granted.wait_mode != mode {
@@ -152,7 +248,11 @@ impl Session {
         } else {
             Client::Blocking(channel)
         };
-        Ok(Session { client, server })
+        Ok(Session {
+            client,
+            server,
+            dir,
+        })
     }
 
     /// Measures `size`-byte echoes with `inflight` calls in flight.
@@ -212,9 +312,16 @@ impl Session {
 
     /// Closes the connection and stops the server.
     pub fn finish(self) -> Result<(), ShmeshPeerError> {
-        let Session { client, server } = self;
+        let Session {
+            client,
+            server,
+            dir,
+        } = self;
         drop(client);
         server.stop()?;
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         Ok(())
     }
 }
