@@ -57,7 +57,7 @@ struct Forwarder {
     /// Serialises reconnecting.
     refresh: Mutex<()>,
     /// Clients by pid, as the daemon identified them.
-    callers: RwLock<HashMap<i32, Caller>>,
+    callers: RwLock<HashMap<i32, Arc<Caller>>>,
 }
 
 impl Mediator {
@@ -103,7 +103,7 @@ impl Mediator {
                 .collect();
             callers.retain(|pid, _| live.contains(pid));
         }
-        callers.insert(caller.pid, caller);
+        callers.insert(caller.pid, Arc::new(caller));
     }
 }
 
@@ -121,15 +121,17 @@ impl Forwarder {
         let caller = read(&self.callers)
             .get(&request.peer.pid)
             .cloned()
-            .unwrap_or_else(|| Caller {
-                pid: request.peer.pid,
-                uid: request.peer.uid,
-                gid: request.peer.gid,
-                app: String::new(),
+            .unwrap_or_else(|| {
+                Arc::new(Caller {
+                    pid: request.peer.pid,
+                    uid: request.peer.uid,
+                    gid: request.peer.gid,
+                    app: String::new(),
+                })
             });
         let mut call = CallInfo {
-            caller,
-            service: self.service.clone(),
+            caller: &caller,
+            service: &self.service,
             method: request.method,
             size: request.payload.len(),
             deadline: request.remaining.map(|r| now + r),
@@ -147,7 +149,7 @@ impl Forwarder {
 
     fn call_upstream(
         &self,
-        call: &CallInfo,
+        call: &CallInfo<'_>,
         payload: &[u8],
     ) -> Result<shmesh::client::Response, Status> {
         let timeout = match call.deadline {

@@ -96,7 +96,7 @@ impl Engine for AccessEngine {
         "access"
     }
 
-    fn admit(&self, call: &mut CallInfo) -> Result<Admit, Status> {
+    fn admit(&self, call: &mut CallInfo<'_>) -> Result<Admit, Status> {
         let hit = self.config.rules.iter().enumerate().find(|(_, r)| {
             r.methods.as_ref().is_none_or(|m| m.contains(&call.method))
                 && r.uid.is_none_or(|uid| uid == call.caller.uid)

@@ -8,7 +8,7 @@
 //! kind = "metrics"
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -32,8 +32,9 @@ pub struct MetricsConfig {
     pub service: String,
 }
 
-/// Counters by (service, method).
-type Counters = BTreeMap<(String, u32), MethodStats>;
+/// Counters by service, then method (looked up by `&str`: no allocation
+/// per call).
+type Counters = HashMap<String, BTreeMap<u32, MethodStats>>;
 
 /// The metrics engine.
 #[derive(Debug)]
@@ -47,9 +48,11 @@ impl MetricsEngine {
         let counters = match state {
             Some(data) => {
                 let list: Vec<(String, MethodStats)> = decode_state("metrics", data)?;
-                list.into_iter()
-                    .map(|(service, m)| ((service, m.method), m))
-                    .collect()
+                let mut counters = Counters::new();
+                for (service, m) in list {
+                    counters.entry(service).or_default().insert(m.method, m);
+                }
+                counters
             }
             None => Counters::new(),
         };
@@ -68,22 +71,24 @@ impl Engine for MetricsEngine {
         "metrics"
     }
 
-    fn admit(&self, _call: &mut CallInfo) -> Result<Admit, Status> {
+    fn admit(&self, _call: &mut CallInfo<'_>) -> Result<Admit, Status> {
         Ok(Admit::Pass)
     }
 
-    fn done(&self, call: &CallInfo, outcome: &Outcome) {
+    fn done(&self, call: &CallInfo<'_>, outcome: &Outcome) {
         let ns = u64::try_from(outcome.elapsed.as_nanos()).unwrap_or(u64::MAX);
         let bucket = ((u64::BITS - ns.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1);
         let code = outcome.code as u8;
         let mut counters = self.lock();
-        let m = counters
-            .entry((call.service.clone(), call.method))
-            .or_insert_with(|| MethodStats {
-                method: call.method,
-                latency: vec![0; LATENCY_BUCKETS],
-                ..MethodStats::default()
-            });
+        let methods = match counters.get_mut(call.service) {
+            Some(methods) => methods,
+            None => counters.entry(call.service.to_owned()).or_default(),
+        };
+        let m = methods.entry(call.method).or_insert_with(|| MethodStats {
+            method: call.method,
+            latency: vec![0; LATENCY_BUCKETS],
+            ..MethodStats::default()
+        });
         m.calls += 1;
         match m.by_code.iter_mut().find(|(c, _)| *c == code) {
             Some((_, n)) => *n += 1,
@@ -99,14 +104,19 @@ impl Engine for MetricsEngine {
     }
 
     fn describe(&self) -> String {
-        let calls: u64 = self.lock().values().map(|m| m.calls).sum();
+        let calls: u64 = self
+            .lock()
+            .values()
+            .flat_map(|m| m.values())
+            .map(|m| m.calls)
+            .sum();
         format!("{calls} calls counted")
     }
 
     fn counters(&self) -> Vec<(String, MethodStats)> {
         self.lock()
             .iter()
-            .map(|((service, _), m)| (service.clone(), m.clone()))
+            .flat_map(|(service, methods)| methods.values().map(|m| (service.clone(), m.clone())))
             .collect()
     }
 }

@@ -40,13 +40,14 @@ use shmesh::control::Caller;
 use shmesh::status::{Code, Status};
 use thiserror::Error;
 
-/// What an engine sees of a call.
+/// What an engine sees of a call (borrowed: the mediated path builds one
+/// per call without allocating).
 #[derive(Debug, Clone)]
-pub struct CallInfo {
+pub struct CallInfo<'a> {
     /// Who calls.
-    pub caller: Caller,
+    pub caller: &'a Caller,
     /// The service called.
-    pub service: String,
+    pub service: &'a str,
     /// The method id.
     pub method: u32,
     /// The request's size in bytes.
@@ -101,9 +102,9 @@ pub trait Engine: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Decides on a call: [`Admit::Pass`] (at once or after holding it), or
     /// `Err` to reject it with that status.
-    fn admit(&self, call: &mut CallInfo) -> Result<Admit, Status>;
+    fn admit(&self, call: &mut CallInfo<'_>) -> Result<Admit, Status>;
     /// An admitted call is answered (or failed downstream).
-    fn done(&self, _call: &CallInfo, _outcome: &Outcome) {}
+    fn done(&self, _call: &CallInfo<'_>, _outcome: &Outcome) {}
     /// Lets go of every call the engine holds (see [`Flush`]).
     fn flush(&self, _how: Flush) {}
     /// The engine's state, for its replacement.
@@ -286,6 +287,9 @@ pub enum PipelineError {
     /// An engine of that name is already in.
     #[error("an engine named {0:?} is already in the pipeline")]
     Duplicate(String),
+    /// The pipeline holds [`MAX_STAGES`] engines already.
+    #[error("the pipeline holds {MAX_STAGES} engines, the most it can")]
+    Full,
     /// No engine of that name.
     #[error("no engine named {0:?} in the pipeline")]
     Unknown(String),
@@ -312,20 +316,32 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-/// The engines that admitted a call, to tell them when it is done.
+/// The most engines a pipeline holds.
+pub const MAX_STAGES: usize = 64;
+
+/// The engines that admitted a call, to tell them when it is done: a bit
+/// per stage of the snapshot the call ran on (no allocation per call), and
+/// the engines of earlier snapshots if an upgrade made it start over.
 pub struct Admitted {
-    engines: Vec<Arc<dyn Engine>>,
+    snapshot: Arc<Vec<Stage>>,
+    mask: u64,
+    earlier: Vec<Arc<dyn Engine>>,
     started: Instant,
 }
 
 impl Admitted {
-    /// Tells every engine that admitted the call how it ended.
-    pub fn done(self, call: &CallInfo, code: Code) {
+    /// Tells every engine that admitted the call how it ended, last first.
+    pub fn done(self, call: &CallInfo<'_>, code: Code) {
         let outcome = Outcome {
             code,
             elapsed: self.started.elapsed(),
         };
-        for engine in self.engines.iter().rev() {
+        for (i, stage) in self.snapshot.iter().enumerate().rev() {
+            if self.mask & (1 << i) != 0 {
+                stage.engine.done(call, &outcome);
+            }
+        }
+        for engine in self.earlier.iter().rev() {
             engine.done(call, &outcome);
         }
     }
@@ -334,6 +350,9 @@ impl Admitted {
 impl Pipeline {
     /// A pipeline of `specs`, in order.
     pub fn new(specs: &[EngineSpec]) -> Result<Pipeline, PipelineError> {
+        if specs.len() > MAX_STAGES {
+            return Err(PipelineError::Full);
+        }
         let mut stages = Vec::with_capacity(specs.len());
         for spec in specs {
             let name = spec.name().to_owned();
@@ -359,29 +378,39 @@ impl Pipeline {
     /// Runs `call` through every engine that applies to its service.
     /// `Err` is the rejection of one engine; the engines that had admitted
     /// the call are told it failed.
-    pub fn admit(&self, call: &mut CallInfo) -> Result<Admitted, Status> {
+    pub fn admit(&self, call: &mut CallInfo<'_>) -> Result<Admitted, Status> {
         let mut admitted = Admitted {
-            engines: Vec::new(),
+            snapshot: self.stages.load_full(),
+            mask: 0,
+            earlier: Vec::new(),
             started: Instant::now(),
         };
-        let mut stages = self.stages.load_full();
         let mut next = 0;
-        while let Some(stage) = stages.get(next) {
-            if !stage.applies_to(&call.service) {
+        while let Some(stage) = admitted.snapshot.get(next) {
+            if !stage.applies_to(call.service) {
                 next += 1;
                 continue;
             }
             match stage.engine.admit(call) {
                 Ok(Admit::Pass) => {
-                    admitted.engines.push(stage.engine.clone());
+                    admitted.mask |= 1 << next;
                     next += 1;
                 }
                 Ok(Admit::Retry) => {
                     // Replaced while holding the call: go on from its
-                    // replacement, or from where it stood if it is gone.
+                    // replacement, or from where it stood if it is gone;
+                    // the engines that admitted it so far stay to be told.
                     let name = stage.name.clone();
-                    stages = self.stages.load_full();
-                    next = stages.iter().position(|s| s.name == name).unwrap_or(next);
+                    let fresh = self.stages.load_full();
+                    next = fresh.iter().position(|s| s.name == name).unwrap_or(next);
+                    let old = std::mem::replace(&mut admitted.snapshot, fresh);
+                    admitted.earlier.extend(
+                        old.iter()
+                            .enumerate()
+                            .filter(|(i, _)| admitted.mask & (1 << i) != 0)
+                            .map(|(_, s)| s.engine.clone()),
+                    );
+                    admitted.mask = 0;
                 }
                 Err(status) => {
                     let code = status.code();
@@ -409,6 +438,9 @@ impl Pipeline {
         let current = self.stages.load_full();
         if current.iter().any(|s| s.name == name) {
             return Err(PipelineError::Duplicate(name));
+        }
+        if current.len() >= MAX_STAGES {
+            return Err(PipelineError::Full);
         }
         let engine = build(&spec, None).map_err(|source| PipelineError::Build {
             name: name.clone(),

@@ -119,7 +119,7 @@ impl Qos {
         })
     }
 
-    fn priority(&self, call: &CallInfo) -> u128 {
+    fn priority(&self, call: &CallInfo<'_>) -> u128 {
         match self.config.order {
             Order::SmallestFirst => call.size as u128,
             Order::EarliestDeadline => call.deadline.map_or(u128::MAX, |d| {
@@ -138,7 +138,7 @@ impl Engine for Qos {
         "qos"
     }
 
-    fn admit(&self, call: &mut CallInfo) -> Result<Admit, Status> {
+    fn admit(&self, call: &mut CallInfo<'_>) -> Result<Admit, Status> {
         let mut inner = self.lock();
         if inner.in_flight < self.config.max_in_flight && inner.waiting.is_empty() {
             inner.in_flight += 1;
@@ -185,7 +185,7 @@ impl Engine for Qos {
         }
     }
 
-    fn done(&self, _call: &CallInfo, _outcome: &Outcome) {
+    fn done(&self, _call: &CallInfo<'_>, _outcome: &Outcome) {
         let mut inner = self.lock();
         inner.in_flight = inner.in_flight.saturating_sub(1);
         self.turn.notify_all();
@@ -232,15 +232,17 @@ mod tests {
 
     use super::*;
 
-    fn call(size: usize) -> CallInfo {
+    static CALLER: std::sync::LazyLock<Caller> = std::sync::LazyLock::new(|| Caller {
+        pid: 1,
+        uid: 0,
+        gid: 0,
+        app: "t".into(),
+    });
+
+    fn call(size: usize) -> CallInfo<'static> {
         CallInfo {
-            caller: Caller {
-                pid: 1,
-                uid: 0,
-                gid: 0,
-                app: "t".into(),
-            },
-            service: "echo".into(),
+            caller: &CALLER,
+            service: "echo",
             method: 1,
             size,
             deadline: None,

@@ -92,16 +92,21 @@ struct Bucket {
 /// What travels to a replacement.
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
-    /// Bucket key, its level (reservations of waiting calls given back)
-    /// and how long ago it was last refilled, in ns.
-    buckets: Vec<(String, f64, u64)>,
+    /// Bucket key (uid or `u32::MAX`, then program or service), its level
+    /// (reservations of waiting calls given back) and how long ago it was
+    /// last refilled, in ns.
+    buckets: Vec<(u32, String, f64, u64)>,
     admitted: u64,
     delayed: u64,
     rejected: u64,
 }
 
+/// Buckets by uid (or `u32::MAX`), then program (or service): looked up by
+/// `&str`, so a call allocates nothing once its bucket exists.
+type Buckets = HashMap<u32, HashMap<String, Bucket>>;
+
 struct Inner {
-    buckets: HashMap<String, Bucket>,
+    buckets: Buckets,
     /// Bumped by every flush; a waiter that sees it change stops waiting.
     flushes: u64,
     last_flush: Flush,
@@ -148,11 +153,11 @@ impl RateLimiter {
         if let Some(data) = state {
             let state: State = decode_state("rate-limit", data)?;
             let now = Instant::now();
-            for (key, tokens, age_ns) in state.buckets {
+            for (uid, name, tokens, age_ns) in state.buckets {
                 let refilled = now.checked_sub(Duration::from_nanos(age_ns)).unwrap_or(now);
                 let tokens = tokens.min(f64::from(config.burst));
-                inner.buckets.insert(
-                    key,
+                inner.buckets.entry(uid).or_default().insert(
+                    name,
                     Bucket {
                         tokens,
                         refilled,
@@ -171,10 +176,12 @@ impl RateLimiter {
         })
     }
 
-    fn key(&self, call: &CallInfo) -> String {
+    /// The bucket's key: the caller's uid and program, or `u32::MAX` and
+    /// the service.
+    fn key<'c>(&self, call: &CallInfo<'c>) -> (u32, &'c str) {
         match self.config.per {
-            Per::Caller => format!("{}:{}", call.caller.uid, call.caller.app),
-            Per::Service => call.service.clone(),
+            Per::Caller => (call.caller.uid, call.caller.app.as_str()),
+            Per::Service => (u32::MAX, call.service),
         }
     }
 
@@ -196,22 +203,32 @@ impl Engine for RateLimiter {
         "rate-limit"
     }
 
-    fn admit(&self, call: &mut CallInfo) -> Result<Admit, Status> {
-        let key = self.key(call);
+    fn admit(&self, call: &mut CallInfo<'_>) -> Result<Admit, Status> {
+        let (uid, name) = self.key(call);
         let (rate, burst) = (self.config.rate, f64::from(self.config.burst));
         let now = Instant::now();
-        let mut inner = self.lock();
-        let bucket = inner.buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: burst,
-            refilled: now,
-            waiting: 0,
-        });
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let named = inner.buckets.entry(uid).or_default();
+        let bucket = match named.get_mut(name) {
+            Some(bucket) => bucket,
+            None => named.entry(name.to_owned()).or_insert(Bucket {
+                tokens: burst,
+                refilled: now,
+                waiting: 0,
+            }),
+        };
         bucket.refill(now, rate, burst);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             inner.admitted += 1;
             return Ok(Admit::Pass);
         }
+        let key = if uid == u32::MAX {
+            name.to_owned()
+        } else {
+            format!("uid {uid} ({name})")
+        };
         // The wait for this call's token, behind those already waiting.
         let wait = Duration::from_secs_f64((1.0 - bucket.tokens) / rate);
         let limit = Duration::from_millis(self.config.max_delay_ms);
@@ -235,6 +252,7 @@ impl Engine for RateLimiter {
         inner.delayed += 1;
         let until = now + wait;
         let flushes = inner.flushes;
+        let mut inner = guard;
         call.annotations
             .push(("rate-limit.delay_us".into(), wait.as_micros().to_string()));
         let mut flushed = None;
@@ -249,7 +267,7 @@ impl Engine for RateLimiter {
                 break;
             }
         }
-        if let Some(b) = inner.buckets.get_mut(&key) {
+        if let Some(b) = inner.buckets.get_mut(&uid).and_then(|n| n.get_mut(name)) {
             b.waiting = b.waiting.saturating_sub(1);
             if flushed == Some(Flush::Requeue) {
                 // Its reservation goes with the state; it reserves again in
@@ -279,10 +297,12 @@ impl Engine for RateLimiter {
         let buckets = inner
             .buckets
             .iter()
-            .map(|(key, b)| {
+            .flat_map(|(&uid, named)| named.iter().map(move |(name, b)| (uid, name, b)))
+            .map(|(uid, name, b)| {
                 let age = now.duration_since(b.refilled).as_nanos();
                 (
-                    key.clone(),
+                    uid,
+                    name.clone(),
                     b.tokens + f64::from(b.waiting),
                     u64::try_from(age).unwrap_or(u64::MAX),
                 )
@@ -322,15 +342,17 @@ mod tests {
 
     use super::*;
 
-    fn call() -> CallInfo {
+    static CALLER: std::sync::LazyLock<Caller> = std::sync::LazyLock::new(|| Caller {
+        pid: 1,
+        uid: 1000,
+        gid: 1000,
+        app: "t".into(),
+    });
+
+    fn call() -> CallInfo<'static> {
         CallInfo {
-            caller: Caller {
-                pid: 1,
-                uid: 1000,
-                gid: 1000,
-                app: "t".into(),
-            },
-            service: "echo".into(),
+            caller: &CALLER,
+            service: "echo",
             method: 1,
             size: 8,
             deadline: None,
@@ -357,7 +379,7 @@ mod tests {
         assert_eq!(limiter.admit(&mut call()), Ok(Admit::Pass));
         let err = limiter.admit(&mut call()).unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted);
-        assert!(err.message().contains("1000:t"), "{err}");
+        assert!(err.message().contains("uid 1000 (t)"), "{err}");
     }
 
     #[test]
@@ -394,7 +416,13 @@ mod tests {
                 let limiter = limiter.clone();
                 std::thread::spawn(move || limiter.admit(&mut call()))
             };
-            while limiter.lock().buckets.values().all(|b| b.waiting == 0) {
+            while limiter
+                .lock()
+                .buckets
+                .values()
+                .flat_map(|n| n.values())
+                .all(|b| b.waiting == 0)
+            {
                 std::thread::yield_now();
             }
             limiter.flush(how);
