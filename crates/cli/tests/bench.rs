@@ -5,11 +5,13 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const PEERS: [&str; 8] = [
+const PEERS: [&str; 10] = [
     "shmesh-poll",
     "shmesh-adaptive",
     "shmesh-block",
     "shmesh-async-adaptive",
+    "shmesh-direct-daemon",
+    "shmesh-mediated",
     "tonic-tcp",
     "tonic-uds",
     "raw-floor",
@@ -119,5 +121,37 @@ fn peers_flag_restricts_the_rows() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     assert_eq!(peers, BTreeSet::from(["raw-floor", "shmesh-block"]));
     assert_eq!(rows.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn during_upgrades_adds_the_upgrading_row() -> Result<(), Box<dyn std::error::Error>> {
+    let rows = bench(&[
+        "--json",
+        "--during-upgrades",
+        "--peers",
+        "shmesh-poll",
+        "--sizes",
+        "64",
+        "--inflight",
+        "1",
+        "--duration",
+        "100ms",
+    ])?;
+    let peers: BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r.get("peer").and_then(|p| p.as_str()))
+        .collect();
+    assert_eq!(
+        peers,
+        BTreeSet::from([
+            "shmesh-poll",
+            "shmesh-mediated",
+            "shmesh-mediated-upgrading"
+        ])
+    );
+    for row in &rows {
+        assert!(row.get("skipped").is_none(), "row skipped: {row}");
+    }
     Ok(())
 }

@@ -47,6 +47,9 @@ pub enum Peer {
     /// Through shmeshd on the mediated path (metrics, access control and a
     /// rate limit in the daemon), adaptive waiting.
     ShmeshMediated,
+    /// shmesh-mediated while the rate limiter is upgraded live over and
+    /// over (`--during-upgrades`; not in the default run).
+    ShmeshMediatedUpgrading,
     /// tonic gRPC over TCP on 127.0.0.1.
     TonicTcp,
     /// tonic gRPC over a Unix domain socket.
@@ -59,13 +62,14 @@ pub enum Peer {
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 10] = [
+    pub const ALL: [Peer; 11] = [
         Peer::ShmeshPoll,
         Peer::ShmeshAdaptive,
         Peer::ShmeshBlock,
         Peer::ShmeshAsyncAdaptive,
         Peer::ShmeshDirectDaemon,
         Peer::ShmeshMediated,
+        Peer::ShmeshMediatedUpgrading,
         Peer::TonicTcp,
         Peer::TonicUds,
         Peer::RawFloor,
@@ -81,6 +85,7 @@ impl Peer {
             Peer::ShmeshAsyncAdaptive => "shmesh-async-adaptive",
             Peer::ShmeshDirectDaemon => "shmesh-direct-daemon",
             Peer::ShmeshMediated => "shmesh-mediated",
+            Peer::ShmeshMediatedUpgrading => "shmesh-mediated-upgrading",
             Peer::TonicTcp => "tonic-tcp",
             Peer::TonicUds => "tonic-uds",
             Peer::RawFloor => "raw-floor",
@@ -118,6 +123,11 @@ pub struct BenchArgs {
     /// A quick run: 150 ms rows (about 15 s with the defaults).
     #[arg(long)]
     pub quick: bool,
+    /// Also measure the mediated path while its rate-limit engine is
+    /// upgraded live, again and again (row shmesh-mediated-upgrading, beside
+    /// shmesh-mediated), to compare their tails.
+    #[arg(long)]
+    pub during_upgrades: bool,
     /// Print one JSON object per row on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -342,6 +352,9 @@ impl Session {
             Peer::ShmeshAsyncAdaptive => shmesh(WaitMode::Adaptive, true, Route::Socket)?,
             Peer::ShmeshDirectDaemon => shmesh(WaitMode::Poll, false, Route::DaemonDirect)?,
             Peer::ShmeshMediated => shmesh(WaitMode::Adaptive, false, Route::DaemonMediated)?,
+            Peer::ShmeshMediatedUpgrading => {
+                shmesh(WaitMode::Adaptive, false, Route::DaemonMediatedUpgrading)?
+            }
             Peer::TonicTcp => {
                 Session::Tonic(tonic_peer::Session::start(exe, tonic_peer::Transport::Tcp)?)
             }
@@ -386,10 +399,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         duration,
     };
     let mut peers = if args.peers.is_empty() {
-        Peer::ALL.to_vec()
+        Peer::ALL
+            .into_iter()
+            .filter(|&p| p != Peer::ShmeshMediatedUpgrading)
+            .collect()
     } else {
         args.peers.clone()
     };
+    if args.during_upgrades {
+        peers.extend([Peer::ShmeshMediated, Peer::ShmeshMediatedUpgrading]);
+    }
     peers.sort();
     peers.dedup();
     let mut sizes = args.sizes.clone();

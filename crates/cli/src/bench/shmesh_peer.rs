@@ -137,7 +137,7 @@ pub fn serve_via_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerErro
             format!(
                 "kind = \"access\"\ndefault = \"deny\"\n[[rules]]\naction = \"allow\"\nuid = {uid}\n"
             ),
-            "kind = \"rate-limit\"\nrate = 1e12\nburst = 1000000\n".to_owned(),
+            RATE_LIMIT.to_owned(),
         ] {
             let spec = shmesh_daemon::engine::EngineSpec::parse(&spec, "bench engine")
                 .map_err(|e| ShmeshPeerError::Unservable(e.to_string()))?;
@@ -168,6 +168,32 @@ pub enum Route {
     DaemonDirect,
     /// Through a host daemon, on the mediated path.
     DaemonMediated,
+    /// On the mediated path while the rate limiter is upgraded over and
+    /// over.
+    DaemonMediatedUpgrading,
+}
+
+/// The rate limiter the mediated rows run (and the upgrades replace with
+/// itself, carrying the buckets over).
+const RATE_LIMIT: &str = "kind = \"rate-limit\"\nrate = 1e12\nburst = 1000000\n";
+
+/// Upgrades the rate limiter of the daemon at `socket` until told to
+/// stop; returns how many upgrades it made.
+fn upgrade_until(socket: shmesh::Address, stop: Arc<std::sync::atomic::AtomicBool>) -> u64 {
+    let mut upgrades = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let request = shmesh::control::PolicyRequest::Upgrade {
+            name: "rate-limit".into(),
+            spec: RATE_LIMIT.into(),
+        };
+        match shmesh_daemon::query_policy(&socket, request) {
+            Ok(answer) if answer.error.is_none() => upgrades += 1,
+            Ok(answer) => tracing::warn!("upgrade refused: {:?}", answer.error),
+            Err(e) => tracing::warn!("upgrade failed: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    upgrades
 }
 
 /// Which client a session uses.
@@ -186,6 +212,11 @@ pub struct Session {
     server: PeerProcess,
     /// The daemon's directory, removed at the end.
     dir: Option<std::path::PathBuf>,
+    /// The thread upgrading the daemon's rate limiter, and its stop flag.
+    upgrader: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<u64>,
+    )>,
 }
 
 impl Session {
@@ -209,7 +240,7 @@ impl Session {
                 let (server, _) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
                 (server, address)
             }
-            Route::DaemonDirect | Route::DaemonMediated => {
+            Route::DaemonDirect | Route::DaemonMediated | Route::DaemonMediatedUpgrading => {
                 let path = std::env::temp_dir()
                     .join(format!("shmesh-bench-{}-{label}", std::process::id()));
                 let mut args = vec![
@@ -218,7 +249,7 @@ impl Session {
                     path.display().to_string(),
                 ];
                 dir = Some(path);
-                if route == Route::DaemonMediated {
+                if route != Route::DaemonDirect {
                     args.push("--mediated".into());
                 }
                 let (server, socket) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
@@ -231,6 +262,18 @@ impl Session {
         };
         tracing::debug!(%address, mode = mode_name(mode), asynchronous, "connecting to a shmesh peer");
         let channel = Channel::connect(&address, &options)?;
+        let upgrader = match (route, &options.daemon) {
+            (Route::DaemonMediatedUpgrading, Some(socket)) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (socket, flag) = (socket.clone(), stop.clone());
+                let thread = std::thread::Builder::new()
+                    .name("bench-upgrader".into())
+                    .spawn(move || upgrade_until(socket, flag))
+                    .map_err(ShmeshPeerError::Runtime)?;
+                Some((stop, thread))
+            }
+            _ => None,
+        };
         let granted = channel.limits();
         if granted.wait_mode != mode {
             tracing::warn!(asked = ?mode, granted = ?granted.wait_mode, "server granted another wait mode");
@@ -252,6 +295,7 @@ impl Session {
             client,
             server,
             dir,
+            upgrader,
         })
     }
 
@@ -316,7 +360,13 @@ impl Session {
             client,
             server,
             dir,
+            upgrader,
         } = self;
+        if let Some((stop, thread)) = upgrader {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let upgrades = thread.join().unwrap_or(0);
+            tracing::info!(upgrades, "rate limiter upgraded live during the rows");
+        }
         drop(client);
         server.stop()?;
         if let Some(dir) = dir {
