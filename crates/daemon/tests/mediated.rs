@@ -246,3 +246,49 @@ fn a_hundred_upgrades_and_a_hundred_add_remove_cycles_lose_no_call() {
     assert_eq!(counted, ok.load(Ordering::Relaxed), "{report:#?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn mediated_clients_reconnect_after_a_daemon_restart_as_they_chose() {
+    use shmesh::client::{Gap, ReconnectingChannel};
+    let _serial = serial();
+    let dir = scratch("reconnect");
+    let config = mediated_config(&dir, "[[engines]]\nkind = \"metrics\"\n");
+    let socket = dir.join("d.sock");
+    let mut daemon = Daemon::start(&socket, Some(&config));
+    let _replica = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("the replica", |r| replicas(r, "echo") == 1);
+    let options = options(&daemon, "echo", SCHEMA);
+    let waiting =
+        ReconnectingChannel::new("shm+svc://echo", options.clone(), Gap::WaitUntilDeadline);
+    let failing = ReconnectingChannel::new("shm+svc://echo", options, Gap::FailFast);
+    let timeout = Some(std::time::Duration::from_secs(30));
+    assert_eq!(&waiting.call(ECHO, b"a", timeout).unwrap()[..], b"a");
+    assert_eq!(&failing.call(ECHO, b"b", timeout).unwrap()[..], b"b");
+
+    // The daemon dies: both mediated connections go with it.
+    daemon.process.kill9();
+    let deadline = std::time::Instant::now() + WATCHDOG;
+    while waiting.is_connected() || failing.is_connected() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections never noticed"
+        );
+        std::thread::yield_now();
+    }
+    // Fail fast: Unavailable at once, naming why.
+    let err = failing.call(ECHO, b"c", timeout).unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("cannot connect"), "{err}");
+    // Wait: the call rides out the gap and is answered once the daemon is
+    // back and the replica has registered again.
+    let config_again = config.clone();
+    let socket_again = socket.clone();
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Daemon::start(&socket_again, Some(&config_again))
+    });
+    assert_eq!(&waiting.call(ECHO, b"d", timeout).unwrap()[..], b"d");
+    let _daemon = restart.join().unwrap();
+    assert_eq!(&failing.call(ECHO, b"e", timeout).unwrap()[..], b"e");
+    let _ = std::fs::remove_dir_all(&dir);
+}

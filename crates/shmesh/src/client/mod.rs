@@ -14,6 +14,7 @@
 //! dead and every caller in flight gets [`Code::Unavailable`] at once.
 
 mod call;
+mod reconnecting;
 
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,7 @@ use crate::status::{Code, Status};
 use crate::{Address, AddressError};
 
 pub use call::Call;
+pub use reconnecting::{Gap, ReconnectingChannel};
 
 /// How often a waiting caller re-checks liveness and its deadline when
 /// nothing wakes it.
