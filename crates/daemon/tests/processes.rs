@@ -228,3 +228,89 @@ fn a_bad_config_file_is_named_with_its_line_and_key() {
     assert!(stderr.contains(&expected), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn nothing_a_process_sends_stops_the_daemon() {
+    use shmesh::control::{self, Registration, ToDaemon};
+    use std::io::Write;
+    let _serial = serial();
+    let dir = scratch("hostile");
+    let daemon = Daemon::start(&dir.join("d.sock"), None);
+    let _replica = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("the replica", |r| replicas(r, "echo") == 1);
+    let address = daemon.address();
+
+    // Raw bytes: no framing at all, an absurd length prefix, a frame cut
+    // short, a frame of zeros.
+    for bytes in [
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        u32::MAX.to_le_bytes().to_vec(),
+        [16u32.to_le_bytes().to_vec(), vec![1, 2, 3]].concat(),
+        [64u32.to_le_bytes().to_vec(), vec![0; 64]].concat(),
+    ] {
+        let mut raw = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+        let _ = raw.write_all(&bytes);
+    }
+    // Well-framed nonsense: garbage, a control header with a garbage body,
+    // a registration whose policy is not a Hello, answers sent unasked.
+    let hostile: Vec<Vec<u8>> = vec![
+        (0..200u8).collect(),
+        [
+            control::MAGIC.to_vec(),
+            control::VERSION.to_le_bytes().to_vec(),
+            vec![0xff; 40],
+        ]
+        .concat(),
+        control::encode(&ToDaemon::Register(Registration {
+            app: "evil".into(),
+            policy: vec![0xAA; 300],
+        })),
+        control::encode(&ToDaemon::Closed { connection: 42 }),
+        control::encode(&ToDaemon::Stats {
+            request: 7,
+            stats: Default::default(),
+        }),
+    ];
+    for message in &hostile {
+        let mut conn = shmesh::socket::connect(&address).unwrap();
+        let _ = conn.send_msg(message, &[]);
+        let _ = conn.recv_msg(0);
+    }
+    // A registered "replica" that then talks nonsense is dropped, not the
+    // daemon.
+    {
+        let mut conn = shmesh::socket::connect(&address).unwrap();
+        let hello = shmesh::handshake::Hello {
+            protocol_version: shmesh::handshake::PROTOCOL_VERSION,
+            service: shmesh::ServiceName::new("evil").unwrap(),
+            schema_hash: SCHEMA,
+            requested: shmesh::Limits::default(),
+        };
+        let policy = shmesh::handshake::encode(&shmesh::handshake::Msg::Hello(hello));
+        conn.send_msg(
+            &control::encode(&ToDaemon::Register(Registration {
+                app: "evil".into(),
+                policy,
+            })),
+            &[],
+        )
+        .unwrap();
+        let _registered = conn.recv_msg(0).unwrap();
+        conn.send_msg(&[0xde, 0xad, 0xbe, 0xef], &[]).unwrap();
+        let _ = conn.recv_msg(0);
+    }
+    daemon.wait_for("the evil replica to be dropped", |r| {
+        replicas(r, "evil") == 0
+    });
+    // The daemon still brokers honest clients.
+    assert_eq!(
+        echo(&connect(&daemon, "echo"), b"still here").unwrap(),
+        b"still here"
+    );
+    assert!(
+        !daemon.log.lock().unwrap().contains("panicked"),
+        "{}",
+        daemon.log.lock().unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
