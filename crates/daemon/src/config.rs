@@ -22,6 +22,7 @@
 //! [[services]]                # services not listed take the direct path
 //! name = "billing"
 //! path = "mediated"           # calls pass through the engines below
+//! replica_uid = 1000          # only this uid (or root) may serve it
 //!
 //! [[engines]]                 # the pipeline of mediated calls, in order
 //! kind = "rate-limit"         # access, rate-limit, qos, metrics
@@ -75,6 +76,10 @@ pub struct ServiceConfig {
     /// Its data path (default `direct`).
     #[serde(default)]
     pub path: DataPath,
+    /// The only uid (besides root) whose processes may register as its
+    /// replicas. Unset: the uid of the replicas already registered, if any.
+    #[serde(default)]
+    pub replica_uid: Option<u32>,
 }
 
 /// How a service's calls travel.
@@ -173,6 +178,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The uid configured to serve `service`, if any.
+    pub fn replica_uid(&self, service: &str) -> Option<u32> {
+        self.services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.replica_uid)
+    }
+
     /// The data path of `service`.
     pub fn path_of(&self, service: &str) -> DataPath {
         self.services

@@ -390,6 +390,27 @@ fn replica_session(
         Err(e) => return refuse(&mut conn, format!("daemon out of fds: {e}")),
     };
     let service = policy.service.to_string();
+    // Who may serve: the configured uid, else whoever serves it already (a
+    // running service cannot be taken over by another user).
+    let serving_uid = state.config.replica_uid(&service).or_else(|| {
+        lock(&state.registry)
+            .services()
+            .find(|(name, _)| *name == service)
+            .and_then(|(_, s)| s.replicas.values().next())
+            .map(|r| r.process.uid)
+    });
+    if let Some(uid) = serving_uid
+        && uid != process.uid
+        && process.uid != 0
+    {
+        return refuse(
+            &mut conn,
+            format!(
+                "service {service:?} is served by uid {uid}; uid {} may not serve it",
+                process.uid
+            ),
+        );
+    }
     let id = lock(&state.registry).add_replica(process.clone(), policy, send.clone());
     // Relaxed: mediators only compare it with what they saw last.
     state.generation.fetch_add(1, Ordering::Relaxed);

@@ -314,3 +314,45 @@ fn nothing_a_process_sends_stops_the_daemon() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn only_the_configured_user_may_serve_a_service() {
+    use shmesh::server::{Router, Server};
+    let _serial = serial();
+    let dir = scratch("replica-uid");
+    let me = rustix::process::geteuid().as_raw();
+    // Root may serve anything, so as root the intruder is a child running
+    // as nobody; otherwise this process, configured out.
+    let allowed = if me == 0 { 1000 } else { me + 1 };
+    let config = dir.join("shmeshd.toml");
+    std::fs::write(
+        &config,
+        format!("[[services]]\nname = \"payroll\"\nreplica_uid = {allowed}\n"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&dir.join("d.sock"), Some(&config));
+    if me == 0 {
+        use std::os::unix::process::CommandExt;
+        let output = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child", "--ignored", "--nocapture", "--quiet"])
+            .env("SHMESHD_TEST_ROLE", "replica")
+            .env("SHMESHD_TEST_SOCKET", &daemon.socket)
+            .env("SHMESHD_TEST_SERVICE", "payroll")
+            .uid(65534)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stderr.contains("may not serve it") || stdout.contains("may not serve it"),
+            "stdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+    } else {
+        let err =
+            Server::register_with(&daemon.address(), "payroll", SCHEMA, Router::new()).unwrap_err();
+        assert!(err.to_string().contains("may not serve it"), "{err}");
+    }
+    assert_eq!(replicas(&daemon.status(), "payroll"), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -130,6 +130,7 @@ pub fn serve_via_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerErro
         config.services.push(ServiceConfig {
             name: SERVICE.into(),
             path: DataPath::Mediated,
+            replica_uid: None,
         });
         let uid = rustix::process::geteuid().as_raw();
         for spec in [
