@@ -319,8 +319,9 @@ fn serve(mut conn: Connection, state: &Arc<State>) {
     if conn.set_read_timeout(Some(FIRST_MESSAGE_TIMEOUT)).is_err() {
         return;
     }
-    let bytes = match conn.recv_msg(0) {
-        Ok((bytes, _)) => bytes,
+    // One fd at most: a registration's load page.
+    let (bytes, mut fds) = match conn.recv_msg(1) {
+        Ok(message) => message,
         Err(e) => {
             tracing::debug!(pid = caller.pid, "no first message: {e}");
             return;
@@ -332,7 +333,7 @@ fn serve(mut conn: Connection, state: &Arc<State>) {
     }
     match control::decode_to_daemon(&bytes) {
         Ok(ToDaemon::Register(registration)) => {
-            replica_session(conn, caller, &registration, state);
+            replica_session(conn, caller, &registration, fds.pop(), state);
         }
         Ok(ToDaemon::Status) => {
             let answer = control::encode(&FromDaemon::Status(report(state)));
@@ -355,11 +356,17 @@ fn replica_session(
     mut conn: Connection,
     mut process: Caller,
     registration: &control::Registration,
+    load_fd: Option<std::os::fd::OwnedFd>,
     state: &Arc<State>,
 ) {
     let refuse = |conn: &mut Connection, message: String| {
         tracing::warn!(pid = process.pid, "registration refused: {message}");
         let _ = conn.send_msg(&control::encode(&FromDaemon::Refused { message }), &[]);
+    };
+    let load = match load_fd.map(shmesh_shm::load::LoadView::open) {
+        Some(Ok(view)) => Arc::new(view),
+        Some(Err(e)) => return refuse(&mut conn, format!("unusable load page: {e}")),
+        None => return refuse(&mut conn, "the registration carries no load page".into()),
     };
     let hello = match handshake::decode(&registration.policy) {
         Ok(Msg::Hello(hello)) => hello,
@@ -411,7 +418,7 @@ fn replica_session(
             ),
         );
     }
-    let id = lock(&state.registry).add_replica(process.clone(), policy, send.clone());
+    let id = lock(&state.registry).add_replica(process.clone(), policy, send.clone(), Some(load));
     // Relaxed: mediators only compare it with what they saw last.
     state.generation.fetch_add(1, Ordering::Relaxed);
     let registered = control::encode(&FromDaemon::Registered { replica: id });

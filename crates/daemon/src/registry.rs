@@ -4,14 +4,17 @@
 //!
 //! Replicas of one service may run different schemas (a rolling upgrade):
 //! a client is only ever matched with a replica of its own schema hash.
-//! Among those the replica with the fewest live connections is picked
-//! (the lowest id on a tie).
+//! Among those, two are drawn at random and the less loaded one is picked
+//! (power of two choices): fewer calls in flight by its load page, then
+//! fewer live connections, then the lower id. With one or two candidates
+//! that is simply the least loaded.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use shmesh::control::Caller;
 use shmesh::handshake::{SchemaHash, ServerPolicy};
+use shmesh_shm::load::LoadView;
 
 /// A connection grant: who, to which replica, since when.
 #[derive(Debug, Clone)]
@@ -35,6 +38,16 @@ pub struct Replica<L> {
     pub link: L,
     /// Its live connections, by id.
     pub connections: BTreeMap<u64, Grant>,
+    /// The load it publishes, read-only.
+    pub load: Option<std::sync::Arc<LoadView>>,
+}
+
+impl<L> Replica<L> {
+    /// What the replica is compared by: calls in flight, connections, id.
+    fn busyness(&self) -> (u64, usize, u64) {
+        let in_flight = self.load.as_ref().map_or(0, |l| l.read().load.in_flight);
+        (in_flight, self.connections.len(), self.id)
+    }
 }
 
 /// A service: its replicas and counters.
@@ -91,7 +104,13 @@ impl<L> Registry<L> {
     }
 
     /// Adds a replica; returns its id.
-    pub fn add_replica(&mut self, process: Caller, policy: ServerPolicy, link: L) -> u64 {
+    pub fn add_replica(
+        &mut self,
+        process: Caller,
+        policy: ServerPolicy,
+        link: L,
+        load: Option<std::sync::Arc<LoadView>>,
+    ) -> u64 {
         let id = self.next_replica;
         self.next_replica += 1;
         let service = self
@@ -106,6 +125,7 @@ impl<L> Registry<L> {
                 policy,
                 link,
                 connections: BTreeMap::new(),
+                load,
             },
         );
         id
@@ -126,11 +146,21 @@ impl<L> Registry<L> {
         let Some(s) = self.services.get(service) else {
             return Pick::NoReplica;
         };
-        let matching = s
+        let candidates: Vec<&Replica<L>> = s
             .replicas
             .values()
             .filter(|r| r.policy.schema_hash == schema)
-            .min_by_key(|r| (r.connections.len(), r.id));
+            .collect();
+        let matching = match candidates.len() {
+            0..=2 => candidates.iter().min_by_key(|r| r.busyness()).copied(),
+            n => {
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                [candidates[a], candidates[b]]
+                    .into_iter()
+                    .min_by_key(|r| r.busyness())
+            }
+        };
         match (matching, s.replicas.values().next()) {
             (Some(r), _) => Pick::Replica(r.id),
             (None, Some(other)) => Pick::SchemaMismatch(other.policy.schema_hash),
@@ -226,9 +256,9 @@ mod tests {
     fn picks_the_least_loaded_replica_of_the_clients_schema() {
         let mut r = Registry::<()>::new(100);
         assert_eq!(r.pick("echo", SchemaHash([1; 32])), Pick::NoReplica);
-        let a = r.add_replica(caller(1), policy("echo", 1), ());
-        let b = r.add_replica(caller(2), policy("echo", 1), ());
-        let c = r.add_replica(caller(3), policy("echo", 2), ());
+        let a = r.add_replica(caller(1), policy("echo", 1), (), None);
+        let b = r.add_replica(caller(2), policy("echo", 1), (), None);
+        let c = r.add_replica(caller(3), policy("echo", 2), (), None);
         assert_eq!(r.pick("echo", SchemaHash([1; 32])), Pick::Replica(a));
         let id = r.next_connection();
         assert_eq!(id, 100);
@@ -247,7 +277,7 @@ mod tests {
     #[test]
     fn removing_a_replica_drops_its_grants() {
         let mut r = Registry::<()>::new(1);
-        let a = r.add_replica(caller(1), policy("echo", 1), ());
+        let a = r.add_replica(caller(1), policy("echo", 1), (), None);
         let id = r.next_connection();
         r.grant(a, id, caller(9));
         let gone = r.remove_replica(a).unwrap();

@@ -24,6 +24,8 @@
 pub mod descriptor;
 pub mod doorbell;
 pub mod handle;
+#[cfg(not(loom))]
+pub mod load;
 pub mod pool;
 pub mod ring;
 #[cfg(not(loom))]

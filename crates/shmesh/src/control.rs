@@ -63,6 +63,8 @@ const HEADER_LEN: usize = 6;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToDaemon {
     /// The first message of a replica: serve a service through the daemon.
+    /// One fd rides with it: the replica's load page
+    /// (`shmesh_shm::load`), sealed so that others can only read it.
     Register(Registration),
     /// A connection the daemon handed over has ended.
     Closed {

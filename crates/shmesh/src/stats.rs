@@ -44,6 +44,8 @@ impl Default for MethodCounters {
 #[derive(Debug)]
 struct ConnectionCounters {
     peer: PeerCredentials,
+    /// Calls opened; `started - calls` are in flight.
+    started: AtomicU64,
     calls: AtomicU64,
     errors: AtomicU64,
 }
@@ -85,6 +87,7 @@ impl Stats {
     pub fn connection(self: &Arc<Self>, id: u64, peer: PeerCredentials) -> ConnectionRecorder {
         let counters = Arc::new(ConnectionCounters {
             peer,
+            started: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         });
@@ -98,6 +101,24 @@ impl Stats {
             methods: HashMap::default(),
             owner: true,
         }
+    }
+
+    /// Calls opened and not yet answered, over the live connections, and
+    /// the number of live connections: the server's load, as it publishes
+    /// it for load balancing.
+    pub fn load(&self) -> (u64, u64) {
+        let connections = lock(&self.connections);
+        // Relaxed: statistics. `calls` may run ahead of `started` for a
+        // moment (another thread's record seen first): saturate.
+        let in_flight = connections
+            .values()
+            .map(|c| {
+                c.started
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(c.calls.load(Ordering::Relaxed))
+            })
+            .sum();
+        (in_flight, connections.len() as u64)
     }
 
     /// A consistent-enough copy of every counter.
@@ -155,6 +176,13 @@ impl ConnectionRecorder {
 }
 
 impl ConnectionRecorder {
+    /// Counts a call opened on this connection (answered calls are counted
+    /// by [`ConnectionRecorder::record`]; the difference is in flight).
+    pub fn started_call(&self) {
+        // Relaxed: a statistic, read by `Stats::load` only.
+        self.counters.started.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A second recorder into the same connection's counters, for another
     /// thread (dropping it leaves the connection registered).
     pub fn fork(&self) -> ConnectionRecorder {

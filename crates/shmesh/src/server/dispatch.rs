@@ -391,6 +391,8 @@ impl Dispatcher {
                 .break_off(format!("call id {} opened twice", d.call_id));
             return Err(Gone);
         }
+        // Every call from here on is counted as answered when it ends.
+        self.recorder.borrow().started_call();
         let Some(route) = self.router.route_for(d.method_id) else {
             self.link.discard(&d)?;
             let status =

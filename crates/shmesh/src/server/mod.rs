@@ -608,7 +608,7 @@ impl Server {
         router: Router,
     ) -> Result<Server, ServerError> {
         let policy = ServerPolicy::new(ServiceName::new(service)?, schema_hash);
-        let source = registration::DaemonSource::new(daemon.clone(), &policy, String::new());
+        let source = registration::DaemonSource::new(daemon.clone(), &policy, String::new())?;
         let session = source.register(&policy)?;
         tracing::info!(
             service,
@@ -800,7 +800,31 @@ impl Server {
     ) -> Vec<std::thread::JoinHandle<()>> {
         const RETRY_FIRST: Duration = Duration::from_millis(50);
         const RETRY_MAX: Duration = Duration::from_secs(2);
+        /// How often the load page is refreshed.
+        const PUBLISH_EVERY: Duration = Duration::from_millis(10);
         let mut connections = Vec::new();
+        {
+            let (page, stats, shutdown) = (
+                source.load.clone(),
+                self.stats.clone(),
+                self.shutdown.clone(),
+            );
+            let publisher = std::thread::Builder::new()
+                .name("shmesh-load".into())
+                .spawn(move || {
+                    while !shutdown.load(Ordering::Acquire) {
+                        let (in_flight, connections) = stats.load();
+                        page.publish(shmesh_shm::load::Load {
+                            in_flight,
+                            connections,
+                        });
+                        std::thread::sleep(PUBLISH_EVERY);
+                    }
+                });
+            if let Err(e) = publisher {
+                tracing::warn!("cannot publish this replica's load: {e}");
+            }
+        }
         let mut retry = RETRY_FIRST;
         while !self.shutdown.load(Ordering::Acquire) {
             let current = match session.take() {

@@ -59,6 +59,9 @@ pub enum RegisterError {
     /// A socket option could not be set.
     #[error("cannot set up the registration socket: {0}")]
     Socket(std::io::Error),
+    /// The page this replica publishes its load in could not be made.
+    #[error(transparent)]
+    Load(#[from] shmesh_shm::load::LoadError),
 }
 
 /// A connection the daemon handed over that cannot be served.
@@ -84,6 +87,9 @@ pub(crate) struct DaemonSource {
     pub current: Arc<Mutex<Option<OwnedFd>>>,
     /// The liveness socket of each adopted connection, to revoke it.
     pub live: Arc<Mutex<HashMap<u64, OwnedFd>>>,
+    /// Where this replica publishes its load; the daemon hands it to
+    /// clients, read-only.
+    pub load: Arc<shmesh_shm::load::LoadPage>,
 }
 
 /// One registration: read messages on `recv`, answer on `send`.
@@ -95,14 +101,14 @@ pub(crate) struct Session {
 
 impl DaemonSource {
     /// A source registering `policy` with the daemon at `daemon`.
-    pub fn new(daemon: Address, policy: &ServerPolicy, app: String) -> Self {
+    pub fn new(daemon: Address, policy: &ServerPolicy, app: String) -> Result<Self, RegisterError> {
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             service: policy.service.clone(),
             schema_hash: policy.schema_hash,
             requested: policy.max.clone(),
         };
-        DaemonSource {
+        Ok(DaemonSource {
             daemon,
             registration: Registration {
                 app,
@@ -110,7 +116,8 @@ impl DaemonSource {
             },
             current: Arc::new(Mutex::new(None)),
             live: Arc::new(Mutex::new(HashMap::default())),
-        }
+            load: Arc::new(shmesh_shm::load::LoadPage::create()?),
+        })
     }
 
     /// Registers (again); the policy's limits may have changed since.
@@ -130,7 +137,10 @@ impl DaemonSource {
             requested: policy.max.clone(),
         };
         registration.policy = handshake::encode(&Msg::Hello(hello));
-        conn.send_msg(&control::encode(&ToDaemon::Register(registration)), &[])?;
+        conn.send_msg(
+            &control::encode(&ToDaemon::Register(registration)),
+            &[self.load.fd()],
+        )?;
         let (bytes, _) = conn.recv_msg(0)?;
         let replica = match control::decode_from_daemon(&bytes)? {
             FromDaemon::Registered { replica } => replica,
