@@ -328,7 +328,7 @@ fn serve(mut conn: Connection, state: &Arc<State>) {
         }
     };
     if !control::is_control(&bytes) {
-        broker(conn, caller, &bytes, state);
+        broker(conn, caller, &bytes, None, state);
         return;
     }
     match control::decode_to_daemon(&bytes) {
@@ -338,6 +338,16 @@ fn serve(mut conn: Connection, state: &Arc<State>) {
         Ok(ToDaemon::Status) => {
             let answer = control::encode(&FromDaemon::Status(report(state)));
             let _ = conn.send_msg(&answer, &[]);
+        }
+        Ok(ToDaemon::ConnectTo { replica, hello }) => {
+            broker(conn, caller, &hello, Some(replica), state);
+        }
+        Ok(ToDaemon::Resolve { service }) => {
+            let answer = resolve(state, &service);
+            let fds: Vec<std::os::fd::BorrowedFd<'_>> =
+                answer.iter().map(|(_, load)| load.fd()).collect();
+            let entries = answer.iter().map(|(entry, _)| entry.clone()).collect();
+            let _ = conn.send_msg(&control::encode(&FromDaemon::Replicas(entries)), &fds);
         }
         Ok(ToDaemon::Policy(request)) => {
             let answer = handover::policy(state, &caller, request);
@@ -481,8 +491,37 @@ fn replica_session(
     }
 }
 
+/// The replicas of `service` and their load pages, for a balancing
+/// client.
+fn resolve(
+    state: &State,
+    service: &str,
+) -> Vec<(control::TableEntry, Arc<shmesh_shm::load::LoadView>)> {
+    lock(&state.registry)
+        .services()
+        .filter(|(name, _)| *name == service)
+        .flat_map(|(_, s)| s.replicas.values())
+        .filter_map(|r| {
+            let entry = control::TableEntry {
+                replica: r.id,
+                schema: r.policy.schema_hash.0,
+            };
+            r.load.clone().map(|load| (entry, load))
+        })
+        .take(control::MAX_TABLE)
+        .collect()
+}
+
 /// Answers a client's Hello: refuses, or grants a connection to a replica.
-fn broker(mut conn: Connection, caller: Caller, bytes: &[u8], state: &Arc<State>) {
+/// `target`: the replica a balancing client chose ([`ToDaemon::ConnectTo`]);
+/// `None` lets the daemon pick.
+fn broker(
+    mut conn: Connection,
+    caller: Caller,
+    bytes: &[u8],
+    target: Option<u64>,
+    state: &Arc<State>,
+) {
     let hello = match handshake::decode(bytes) {
         Ok(Msg::Hello(hello)) => hello,
         Ok(other) => {
@@ -536,7 +575,18 @@ fn broker(mut conn: Connection, caller: Caller, bytes: &[u8], state: &Arc<State>
     for _attempt in 0..3 {
         let (replica, policy, link, id) = {
             let mut registry = lock(&state.registry);
-            match registry.pick(&service, hello.schema_hash) {
+            let pick = match target {
+                None => registry.pick(&service, hello.schema_hash),
+                Some(id) => match registry.replica(id) {
+                    Some(r) if r.policy.service.as_str() != service => Pick::NoReplica,
+                    Some(r) if r.policy.schema_hash != hello.schema_hash => {
+                        Pick::SchemaMismatch(r.policy.schema_hash)
+                    }
+                    Some(_) => Pick::Replica(id),
+                    None => Pick::NoReplica,
+                },
+            };
+            match pick {
                 Pick::Replica(replica) => {
                     let Some(r) = registry.replica(replica) else {
                         continue;

@@ -287,15 +287,26 @@ fn nothing_a_process_sends_stops_the_daemon() {
             requested: shmesh::Limits::default(),
         };
         let policy = shmesh::handshake::encode(&shmesh::handshake::Msg::Hello(hello));
-        conn.send_msg(
-            &control::encode(&ToDaemon::Register(Registration {
-                app: "evil".into(),
-                policy,
-            })),
-            &[],
-        )
-        .unwrap();
-        let _registered = conn.recv_msg(0).unwrap();
+        let register = control::encode(&ToDaemon::Register(Registration {
+            app: "evil".into(),
+            policy,
+        }));
+        // Without a load page: refused.
+        let mut bare = shmesh::socket::connect(&address).unwrap();
+        bare.send_msg(&register, &[]).unwrap();
+        let (answer, _) = bare.recv_msg(0).unwrap();
+        assert!(matches!(
+            control::decode_from_daemon(&answer),
+            Ok(control::FromDaemon::Refused { .. })
+        ));
+        // With one: registered, then nonsense.
+        let page = shmesh_shm::load::LoadPage::create().unwrap();
+        conn.send_msg(&register, &[page.fd()]).unwrap();
+        let (answer, _) = conn.recv_msg(0).unwrap();
+        assert!(matches!(
+            control::decode_from_daemon(&answer),
+            Ok(control::FromDaemon::Registered { .. })
+        ));
         conn.send_msg(&[0xde, 0xad, 0xbe, 0xef], &[]).unwrap();
         let _ = conn.recv_msg(0);
     }
@@ -354,5 +365,62 @@ fn only_the_configured_user_may_serve_a_service() {
         assert!(err.to_string().contains("may not serve it"), "{err}");
     }
     assert_eq!(replicas(&daemon.status(), "payroll"), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn balancing_clients_spread_calls_and_fail_over_when_a_replica_dies() {
+    use shmesh::client::BalancedChannel;
+    let _serial = serial();
+    let dir = scratch("balanced");
+    let daemon = Daemon::start(&dir.join("d.sock"), None);
+    let mut replicas_running: Vec<Reaped> = (0..3)
+        .map(|_| spawn_child("replica", &daemon, "echo"))
+        .collect();
+    daemon.wait_for("three replicas", |r| replicas(r, "echo") == 3);
+
+    let channel =
+        BalancedChannel::connect("shm+svc://echo", options(&daemon, "echo", SCHEMA)).unwrap();
+    assert_eq!(channel.replicas().len(), 3);
+    let timeout = Some(Duration::from_secs(10));
+    for n in 0..300u32 {
+        let body = n.to_le_bytes();
+        assert_eq!(&channel.call(ECHO, &body, timeout).unwrap()[..], body);
+    }
+    // Every replica answered some of them.
+    let report = daemon.status();
+    let per_replica: Vec<u64> = report.services[0]
+        .replicas
+        .iter()
+        .map(|r| {
+            r.stats
+                .as_ref()
+                .map_or(0, |s| s.methods.iter().map(|m| m.calls).sum())
+        })
+        .collect();
+    assert_eq!(per_replica.iter().sum::<u64>(), 300, "{per_replica:?}");
+    assert!(per_replica.iter().all(|&n| n > 0), "{per_replica:?}");
+
+    // One replica dies: once the client has seen it, every call goes to
+    // the others.
+    let victim = report.services[0].replicas[0].id;
+    let victim_pid = report.services[0].replicas[0].process.as_ref().unwrap().pid;
+    let index = replicas_running
+        .iter()
+        .position(|r| r.0.id() as i32 == victim_pid)
+        .unwrap();
+    replicas_running[index].kill9();
+    let deadline = Instant::now() + WATCHDOG;
+    while channel.live().contains(&victim) {
+        assert!(
+            Instant::now() < deadline,
+            "the client never saw the replica die"
+        );
+        std::thread::yield_now();
+    }
+    for n in 0..300u32 {
+        let body = n.to_le_bytes();
+        assert_eq!(&channel.call(ECHO, &body, timeout).unwrap()[..], body);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

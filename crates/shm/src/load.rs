@@ -241,7 +241,7 @@ impl LoadPage {
 /// The read-only side of a load page.
 #[derive(Debug)]
 pub struct LoadView {
-    _fd: OwnedFd,
+    fd: OwnedFd,
     page: Page,
 }
 
@@ -264,7 +264,12 @@ impl LoadView {
         if found != MAGIC {
             return Err(LoadError::BadMagic { found });
         }
-        Ok(LoadView { _fd: fd, page })
+        Ok(LoadView { fd, page })
+    }
+
+    /// The page's fd, to hand on to other readers.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// What the page says now (each word read once).

@@ -81,6 +81,21 @@ pub enum ToDaemon {
     /// The first and only message of a status query: answered by
     /// [`FromDaemon::Status`], then the daemon closes the connection.
     Status,
+    /// The first and only message of a client that balances its calls
+    /// itself: answered by [`FromDaemon::Replicas`] with the service's
+    /// replicas and their load pages.
+    Resolve {
+        /// The service.
+        service: String,
+    },
+    /// The first message of a client connecting to one replica it chose:
+    /// answered like a handshake (a Welcome with its fds, or a Refuse).
+    ConnectTo {
+        /// The replica's id, from [`FromDaemon::Replicas`].
+        replica: u64,
+        /// The client's Hello, in the handshake's encoding.
+        hello: Vec<u8>,
+    },
     /// The first and only message of a change to (or a listing of) the
     /// engine pipeline: answered by [`FromDaemon::Policy`]. Changes are
     /// accepted from root and from the daemon's own user only.
@@ -179,6 +194,22 @@ pub enum FromDaemon {
     Status(StatusReport),
     /// The answer to [`ToDaemon::Policy`].
     Policy(PolicyAnswer),
+    /// The answer to [`ToDaemon::Resolve`]: one load page fd rides with it
+    /// per replica, in the same order (at most [`MAX_TABLE`]).
+    Replicas(Vec<TableEntry>),
+}
+
+/// The most replicas one [`FromDaemon::Replicas`] lists (fds per message
+/// are bounded by the kernel).
+pub const MAX_TABLE: usize = 250;
+
+/// A replica in a [`FromDaemon::Replicas`] table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableEntry {
+    /// Its id.
+    pub replica: u64,
+    /// The schema it was built from.
+    pub schema: [u8; 32],
 }
 
 /// A client connection handed to a replica.

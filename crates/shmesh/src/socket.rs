@@ -943,6 +943,16 @@ pub fn client_handshake(
         Err(SendError::Closed) => {}
         Err(e) => return Err(ConnectError::Send(e)),
     }
+    receive_welcome(conn, hello)
+}
+
+/// The client's half of the handshake once its `hello` has gone out (in a
+/// `Hello` message, or inside a control message to the host daemon):
+/// reads and checks the answer, as [`client_handshake`] does.
+pub fn receive_welcome(
+    conn: &mut Connection,
+    hello: &Hello,
+) -> Result<(Welcome, Vec<OwnedFd>), ConnectError> {
     let (bytes, fds) = conn
         .recv_msg(MAX_WELCOME_FDS)
         .map_err(|e| ConnectError::from(classify(e)))?;

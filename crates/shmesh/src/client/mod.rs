@@ -13,6 +13,7 @@
 //! on it, and when the server dies the socket closes, the channel is marked
 //! dead and every caller in flight gets [`Code::Unavailable`] at once.
 
+mod balanced;
 mod call;
 mod reconnecting;
 
@@ -38,6 +39,7 @@ use crate::socket::{self, ConnectError, Connection};
 use crate::status::{Code, Status};
 use crate::{Address, AddressError};
 
+pub use balanced::BalancedChannel;
 pub use call::Call;
 pub use reconnecting::{Gap, ReconnectingChannel};
 
@@ -94,6 +96,9 @@ pub enum ChannelError {
         /// The service in the options.
         options: String,
     },
+    /// The host daemon's table of replicas is unusable.
+    #[error("the host daemon's table of replicas: {0}")]
+    Table(String),
     /// The host daemon brokered the connection but sent no liveness socket.
     #[error("the host daemon sent no liveness socket in its Welcome")]
     NoLiveness,
@@ -399,6 +404,18 @@ impl Channel {
             requested: options.limits.clone(),
         };
         let (welcome, fds) = socket::client_handshake(&mut conn, &hello)?;
+        let via_daemon = matches!(endpoint, Endpoint::Service(_));
+        Self::from_welcome(conn, welcome, fds, via_daemon)
+    }
+
+    /// Builds the channel from an accepted handshake: `conn` is the socket
+    /// the Welcome came on, `fds` its fds in the order of its roles.
+    pub(crate) fn from_welcome(
+        conn: Connection,
+        welcome: crate::handshake::Welcome,
+        fds: Vec<std::os::fd::OwnedFd>,
+        via_daemon: bool,
+    ) -> Result<Channel, ChannelError> {
         let mut segment_fd = None;
         let mut bell_fd = None;
         let mut liveness_fd = None;
@@ -412,10 +429,10 @@ impl Channel {
         }
         // Through the daemon, the server is at the other end of a socket
         // pair the daemon made; the daemon's own socket is done with.
-        let conn = match (liveness_fd, endpoint) {
+        let conn = match (liveness_fd, via_daemon) {
             (Some(fd), _) => Connection::from(std::os::unix::net::UnixStream::from(fd)),
-            (None, Endpoint::Service(_)) => return Err(ChannelError::NoLiveness),
-            (None, Endpoint::Socket(_)) => conn,
+            (None, true) => return Err(ChannelError::NoLiveness),
+            (None, false) => conn,
         };
         let segment_fd = segment_fd.ok_or(ChannelError::NoSegment)?;
         let bell_fd = bell_fd.ok_or(ChannelError::NoDoorbell)?;

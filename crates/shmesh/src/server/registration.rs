@@ -242,5 +242,6 @@ pub(crate) fn kind(m: &FromDaemon) -> &'static str {
         FromDaemon::StatsRequest { .. } => "StatsRequest",
         FromDaemon::Status(_) => "Status",
         FromDaemon::Policy(_) => "Policy",
+        FromDaemon::Replicas(_) => "Replicas",
     }
 }
