@@ -263,6 +263,8 @@ fn connect_upstream(
                 continue;
             }
         };
+        // Recorded first, so the replica's `Closed` can never come before.
+        lock(&state.registry).grant(replica, id, state.identity.clone());
         let connected = make_parts(hello.protocol_version, &granted, id).and_then(|parts| {
             adopt(&link, &parts, &state.identity)?;
             shmesh::client::Channel::from_handed_over(HandedOver {
@@ -276,11 +278,11 @@ fn connect_upstream(
             .map_err(|e| HandOver::Setup(e.to_string()))
         });
         match connected {
-            Ok(channel) => {
-                lock(&state.registry).grant(replica, id, state.identity.clone());
-                channels.push((replica, channel));
+            Ok(channel) => channels.push((replica, channel)),
+            Err(e) => {
+                lock(&state.registry).close(replica, id);
+                tracing::warn!(service, replica, "cannot connect to the replica: {e}");
             }
-            Err(e) => tracing::warn!(service, replica, "cannot connect to the replica: {e}"),
         }
     }
     channels

@@ -631,9 +631,11 @@ fn broker(
         if state.config.path_of(&service) == DataPath::Mediated {
             return handover::mediate(conn, &hello, &granted, id, caller, state);
         }
+        // Recorded before either side hears of it: the next client's pick
+        // counts it, and the replica's `Closed` can never come first.
+        lock(&state.registry).grant(replica, id, caller.clone());
         match handover::hand_over(&mut conn, &hello, &granted, id, &caller, &link) {
             Ok(()) => {
-                lock(&state.registry).grant(replica, id, caller.clone());
                 tracing::info!(
                     service,
                     connection = id,
@@ -662,6 +664,7 @@ fn broker(
                 return;
             }
             Err(HandOver::Setup(e)) => {
+                lock(&state.registry).close(replica, id);
                 let message = format!("the daemon could not set up the connection: {e}");
                 return refuse(&mut conn, RefuseReason::Busy, "setup", message);
             }
