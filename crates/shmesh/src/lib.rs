@@ -21,7 +21,14 @@
 //!   cancellation that the handler observes;
 //! - handlers per method in a [`server::Router`]: quick ones on the
 //!   connection's thread, blocking ones on a worker pool, async ones on
-//!   tokio; per-method and per-connection counters ([`stats`]).
+//!   tokio; per-method and per-connection counters ([`stats`]);
+//! - through the optional host daemon `shmeshd` ([`endpoint`], [`control`]):
+//!   servers register with `shm+svc://NAME` and clients connect by name;
+//!   the daemon checks access, creates the segment and steps aside, or
+//!   mediates calls through its policy engines.
+//!   [`client::BalancedChannel`] spreads calls over a service's replicas by
+//!   their published load and fails over; [`client::ReconnectingChannel`]
+//!   outlives a lost connection.
 //!
 //! # Example
 //!

@@ -10,7 +10,7 @@
 //! method and the deadline. Its messages follow (the first may ride on the
 //! `OPEN` descriptor); the last it sends carries `END` (half-close). The
 //! server answers with messages and ends the call with exactly one `END`
-//! descriptor: with `STATUS` set and the encoded [`crate::Status`] as payload
+//! descriptor: with `STATUS` set and the encoded [`Status`](crate::status::Status) as payload
 //! when the call failed.
 //!
 //! - **Unary**: one descriptor each way. The request is

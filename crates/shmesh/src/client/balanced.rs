@@ -53,7 +53,9 @@ struct Table {
     fetched: Instant,
 }
 
-/// A client of every replica of a service (see the [module docs](self)).
+/// A client of every replica of a service: calls go to the less loaded of
+/// two replicas drawn at random, by their published load; a dead replica is
+/// failed over (its in-flight calls fail `Unavailable`, never resent).
 pub struct BalancedChannel {
     daemon: Address,
     options: ChannelOptions,

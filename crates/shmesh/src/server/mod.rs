@@ -2,7 +2,7 @@
 //! its calls.
 //!
 //! Each connection has a thread of its own that reads its request ring
-//! ([`dispatch`]). Handlers are registered per method in a [`Router`]:
+//! (`dispatch.rs`). Handlers are registered per method in a [`Router`]:
 //!
 //! - [`Router::route`] and [`Router::route_in_place`]: quick unary handlers
 //!   run on the connection's thread, with no hand-off (the fast path);
