@@ -15,6 +15,15 @@ use shmesh::client::Channel;
 use shmesh::status::Code;
 use shmesh::{RefuseReason, SchemaHash};
 
+/// How many connection segments process `pid` maps.
+fn mapped_segments(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("shmesh:conn-"))
+        .count()
+}
+
 /// The entry point of child processes (see [`common::run_child`]).
 #[test]
 #[ignore = "run as a child process by the other tests"]
@@ -43,6 +52,12 @@ fn brokered_connections_spread_over_replicas_and_show_in_status_and_metrics() {
     });
     // The least-loaded replica gets each new connection.
     assert_eq!(connections(&report, "echo"), vec![2, 2], "{report:#?}");
+    // The daemon made the four segments but keeps none of them mapped.
+    let deadline = Instant::now() + WATCHDOG;
+    while mapped_segments(daemon.process.0.id() as i32) != 0 {
+        assert!(Instant::now() < deadline, "the daemon kept segments mapped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let echo_status = &report.services[0];
     assert_eq!(echo_status.grants_total, 4);
     let calls: u64 = echo_status
@@ -146,10 +161,28 @@ fn killed_clients_and_replicas_are_noticed_and_their_grants_revoked() {
     // A client process killed mid-calls: its connection goes away.
     let mut client = spawn_child("client", &daemon, "echo");
     daemon.wait_for("the client's connection", |r| connections(r, "echo") == [1]);
+    let replica_pid = replica.0.id() as i32;
+    let deadline = Instant::now() + WATCHDOG;
+    while mapped_segments(replica_pid) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never mapped the segment"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     client.kill9();
     daemon.wait_for("the killed client's connection to go", |r| {
         connections(r, "echo") == [0]
     });
+    // Its segment is gone from the replica too.
+    let deadline = Instant::now() + WATCHDOG;
+    while mapped_segments(replica_pid) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the replica kept the dead client's segment"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // The replica killed under a live channel: the channel fails with
     // Unavailable, the replica leaves the registry, new clients are told.
