@@ -246,17 +246,40 @@ fn library_error(e: LibraryError) -> PluginError {
             found: format!("(unreadable: {e})"),
             expected,
         },
-        LibraryError::AbiInstability(detail) => PluginError::Layout {
-            expected,
-            detail: one_line(&detail.to_string()),
-        },
+        LibraryError::AbiInstability(report) => {
+            let report = report.to_string();
+            tracing::warn!(
+                "abi_stable's report on the layout of a plugin's root module:\n{report}"
+            );
+            PluginError::Layout {
+                expected,
+                detail: differences(&report),
+            }
+        }
         LibraryError::RootModule { err, .. } => PluginError::RootModule(one_line(&err.to_string())),
         many @ LibraryError::Many(_) => PluginError::RootModule(one_line(&many.to_string())),
     }
 }
 
-/// abi_stable's reports run over many lines (whole type layouts): the
-/// first few non-empty ones, joined, say what differs.
+/// What abi_stable's layout report finds wrong (its `Error:` lines; the
+/// whole report, type layouts and all, goes to the daemon's log).
+fn differences(report: &str) -> String {
+    let mut found: Vec<&str> = Vec::new();
+    for line in report.lines() {
+        if let Some(error) = line.trim().strip_prefix("Error:")
+            && !found.contains(&error.trim())
+        {
+            found.push(error.trim());
+        }
+    }
+    if found.is_empty() {
+        return one_line(report);
+    }
+    one_line(&found.join("; "))
+}
+
+/// abi_stable's reports run over many lines: the first few non-empty
+/// ones, joined.
 fn one_line(report: &str) -> String {
     const LINES: usize = 6;
     const CHARS: usize = 600;
@@ -403,6 +426,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn layout_reports_come_down_to_their_errors() {
+        let report = "Compared <this>:\n  --- Type Layout ---\n\nError:too many fields\nExpected:\n    3\n\nError:unexpected field\nExpected:\nError:too many fields\n";
+        assert_eq!(differences(report), "too many fields; unexpected field");
+        assert_eq!(differences("\nno errors\nhere\n"), "no errors here");
+    }
 
     #[test]
     fn long_reports_are_cut_to_a_line() {
