@@ -14,10 +14,10 @@
 //! ```
 //!
 //! Everything that crosses the boundary is `#[repr(C)]` and derives
-//! [`StableAbi`]: the library carries the type layout of its root module
-//! (and, through it, of every type and trait-object vtable reachable from
-//! it), and the daemon compares it with its own when it loads the library,
-//! before it calls anything in it. A plugin built against another version
+//! [`StableAbi`](abi_stable::StableAbi): the library carries the type
+//! layout of its root module (and, through it, of every type and
+//! trait-object vtable reachable from it), and the daemon compares it with
+//! its own when it loads the library, before it calls anything in it. A plugin built against another version
 //! of this interface is refused with an error that names the difference,
 //! not called into.
 //!
