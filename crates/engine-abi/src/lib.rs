@@ -130,10 +130,10 @@
 //!   to it.
 
 // `#[sabi_trait]` and `#[derive(StableAbi)]` expand to `unsafe` code (the
-// type-erased vtables and layout constants), to impls inside a generated
-// module, and to items without docs; this crate writes no `unsafe` of its
-// own. Those expansions are contained in `ffi` below, which allows exactly
-// what they need.
+// type-erased vtables, `unsafe impl StableAbi`) and to impls inside a
+// generated module (`non_local_definitions`); this crate writes no `unsafe`
+// of its own. Those expansions are contained in `ffi` below, which allows
+// exactly those two lints.
 #![deny(unsafe_code)]
 
 pub use ffi::*;
@@ -179,7 +179,7 @@ pub mod codes {
     pub const UNAUTHENTICATED: u32 = 16;
 }
 
-#[allow(unsafe_code, non_local_definitions, missing_docs)]
+#[allow(unsafe_code, non_local_definitions)]
 mod ffi {
     use abi_stable::library::RootModule;
     use abi_stable::sabi_types::VersionStrings;
