@@ -24,10 +24,12 @@
 //! (token buckets per caller or per service, delaying or rejecting),
 //! [`qos`] (a bounded number of calls in flight, the rest served smallest
 //! or earliest-deadline first), [`metrics`] (counts, codes and latency per
-//! service and method, in `/metrics`).
+//! service and method, in `/metrics`). Others are loaded from dynamic
+//! libraries through a stable ABI: [`plugin`].
 
 pub mod access;
 pub mod metrics;
+pub mod plugin;
 pub mod qos;
 pub mod rate_limit;
 
@@ -150,6 +152,8 @@ pub enum EngineSpec {
     Qos(qos::QosConfig),
     /// Counters and latency per method.
     Metrics(metrics::MetricsConfig),
+    /// An engine loaded from a dynamic library.
+    Plugin(plugin::PluginConfig),
 }
 
 impl EngineSpec {
@@ -160,6 +164,7 @@ impl EngineSpec {
             EngineSpec::RateLimit(_) => "rate-limit",
             EngineSpec::Qos(_) => "qos",
             EngineSpec::Metrics(_) => "metrics",
+            EngineSpec::Plugin(_) => "plugin",
         }
     }
 
@@ -169,6 +174,7 @@ impl EngineSpec {
             EngineSpec::RateLimit(c) => (&c.name, &c.service),
             EngineSpec::Qos(c) => (&c.name, &c.service),
             EngineSpec::Metrics(c) => (&c.name, &c.service),
+            EngineSpec::Plugin(c) => (&c.name, &c.service),
         }
     }
 
@@ -210,6 +216,14 @@ pub enum BuildError {
     /// The settings are not usable.
     #[error("{0}")]
     Config(String),
+    /// A plugin cannot be loaded or started.
+    #[error("plugin {}: {source}", path.display())]
+    Plugin {
+        /// The library.
+        path: std::path::PathBuf,
+        /// Why.
+        source: plugin::PluginError,
+    },
 }
 
 /// Builds the engine `spec` describes, restoring `state` if given.
@@ -220,6 +234,8 @@ pub fn build(
     let kind = spec.kind();
     if let Some(state) = state
         && state.kind != kind
+        // A plugin's kind is its library's: checked once that is loaded.
+        && !matches!(spec, EngineSpec::Plugin(_))
     {
         return Err(BuildError::KindMismatch {
             from: state.kind.clone(),
@@ -232,6 +248,7 @@ pub fn build(
         EngineSpec::RateLimit(c) => Arc::new(rate_limit::RateLimiter::new(c.clone(), data)?),
         EngineSpec::Qos(c) => Arc::new(qos::Qos::new(c.clone(), data)?),
         EngineSpec::Metrics(c) => Arc::new(metrics::MetricsEngine::new(c.clone(), data)?),
+        EngineSpec::Plugin(c) => Arc::new(plugin::PluginEngine::new(c, state)?),
     })
 }
 
