@@ -33,6 +33,7 @@
 //! ```
 
 pub mod access;
+mod broker;
 pub mod cli;
 pub mod config;
 pub mod engine;
@@ -40,33 +41,27 @@ mod handover;
 mod mediator;
 pub mod metrics;
 pub mod registry;
+mod replica;
+mod report;
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shmesh::Address;
-use shmesh::control::{
-    self, Caller, ConnectionStatus, FromDaemon, ReplicaStats, ReplicaStatus, ServiceStatus,
-    StatusReport, ToDaemon,
-};
-use shmesh::handshake::{self, Msg, Refuse, RefuseReason, ServerPolicy};
+use shmesh::control::{self, Caller, FromDaemon, ToDaemon};
+use shmesh::handshake;
 use shmesh::socket::{Connection, Listener};
 use thiserror::Error;
 
 use crate::access::AccessRules;
-use crate::config::{Action, Config, DataPath};
-use crate::handover::HandOver;
-use crate::registry::{Pick, Registry};
+use crate::config::Config;
+use crate::registry::Registry;
 
 /// How long a process may take to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a status query or a scrape waits for the replicas' counters.
-const SCRAPE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The daemon could not start.
 #[derive(Debug, Error)]
@@ -120,16 +115,8 @@ pub(crate) struct State {
     identity: Caller,
     started: Instant,
     metrics: Option<std::net::SocketAddr>,
-    scrapes: Scrapes,
+    scrapes: report::Scrapes,
     shutdown: AtomicBool,
-}
-
-/// Counter requests in flight to replicas, and their answers.
-#[derive(Default)]
-struct Scrapes {
-    next: AtomicU64,
-    answers: Mutex<HashMap<u64, HashMap<u64, ReplicaStats>>>,
-    arrived: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,7 +221,7 @@ impl Daemon {
             },
             started: Instant::now(),
             metrics: metrics_server.as_ref().map(|m| m.address()),
-            scrapes: Scrapes::default(),
+            scrapes: report::Scrapes::default(),
             shutdown: AtomicBool::new(false),
         });
         Ok(Daemon {
@@ -267,7 +254,7 @@ impl Daemon {
     pub fn run(mut self) {
         if let Some(server) = self.metrics_server.take() {
             let state = self.state.clone();
-            server.start(move || metrics::render(&report(&state)));
+            server.start(move || metrics::render(&report::report(&state)));
         }
         while !self.state.shutdown.load(Ordering::Acquire) {
             let conn = match self.listener.accept() {
@@ -328,22 +315,22 @@ fn serve(mut conn: Connection, state: &Arc<State>) {
         }
     };
     if !control::is_control(&bytes) {
-        broker(conn, caller, &bytes, None, state);
+        broker::broker(conn, caller, &bytes, None, state);
         return;
     }
     match control::decode_to_daemon(&bytes) {
         Ok(ToDaemon::Register(registration)) => {
-            replica_session(conn, caller, &registration, fds.pop(), state);
+            replica::replica_session(conn, caller, &registration, fds.pop(), state);
         }
         Ok(ToDaemon::Status) => {
-            let answer = control::encode(&FromDaemon::Status(report(state)));
+            let answer = control::encode(&FromDaemon::Status(report::report(state)));
             let _ = conn.send_msg(&answer, &[]);
         }
         Ok(ToDaemon::ConnectTo { replica, hello }) => {
-            broker(conn, caller, &hello, Some(replica), state);
+            broker::broker(conn, caller, &hello, Some(replica), state);
         }
         Ok(ToDaemon::Resolve { service }) => {
-            let answer = resolve(state, &service);
+            let answer = broker::resolve(state, &service);
             let fds: Vec<std::os::fd::BorrowedFd<'_>> =
                 answer.iter().map(|(_, load)| load.fd()).collect();
             let entries = answer.iter().map(|(entry, _)| entry.clone()).collect();
@@ -361,494 +348,4 @@ fn serve(mut conn: Connection, state: &Arc<State>) {
     }
 }
 
-/// A replica's registration, for its life.
-fn replica_session(
-    mut conn: Connection,
-    mut process: Caller,
-    registration: &control::Registration,
-    load_fd: Option<std::os::fd::OwnedFd>,
-    state: &Arc<State>,
-) {
-    let refuse = |conn: &mut Connection, message: String| {
-        tracing::warn!(pid = process.pid, "registration refused: {message}");
-        let _ = conn.send_msg(&control::encode(&FromDaemon::Refused { message }), &[]);
-    };
-    let load = match load_fd.map(shmesh_shm::load::LoadView::open) {
-        Some(Ok(view)) => Arc::new(view),
-        Some(Err(e)) => return refuse(&mut conn, format!("unusable load page: {e}")),
-        None => return refuse(&mut conn, "the registration carries no load page".into()),
-    };
-    let hello = match handshake::decode(&registration.policy) {
-        Ok(Msg::Hello(hello)) => hello,
-        Ok(other) => return refuse(&mut conn, format!("policy is a {}", other.kind())),
-        Err(e) => return refuse(&mut conn, format!("policy does not decode: {e}")),
-    };
-    if hello.protocol_version != handshake::PROTOCOL_VERSION {
-        return refuse(
-            &mut conn,
-            format!(
-                "replica speaks protocol {}, the daemon {}",
-                hello.protocol_version,
-                handshake::PROTOCOL_VERSION
-            ),
-        );
-    }
-    if !registration.app.is_empty() {
-        process.app = registration.app.clone();
-    }
-    let policy = ServerPolicy {
-        service: hello.service,
-        schema_hash: hello.schema_hash,
-        max: hello.requested,
-        busy: false,
-    };
-    let send = match conn.as_fd().try_clone_to_owned() {
-        Ok(fd) => Arc::new(Mutex::new(Connection::from(UnixStream::from(fd)))),
-        Err(e) => return refuse(&mut conn, format!("daemon out of fds: {e}")),
-    };
-    let service = policy.service.to_string();
-    // Who may serve: the configured uid, else whoever serves it already (a
-    // running service cannot be taken over by another user).
-    let serving_uid = state.config.replica_uid(&service).or_else(|| {
-        lock(&state.registry)
-            .services()
-            .find(|(name, _)| *name == service)
-            .and_then(|(_, s)| s.replicas.values().next())
-            .map(|r| r.process.uid)
-    });
-    if let Some(uid) = serving_uid
-        && uid != process.uid
-        && process.uid != 0
-    {
-        return refuse(
-            &mut conn,
-            format!(
-                "service {service:?} is served by uid {uid}; uid {} may not serve it",
-                process.uid
-            ),
-        );
-    }
-    let id = lock(&state.registry).add_replica(process.clone(), policy, send.clone(), Some(load));
-    // Relaxed: mediators only compare it with what they saw last.
-    state.generation.fetch_add(1, Ordering::Relaxed);
-    let registered = control::encode(&FromDaemon::Registered { replica: id });
-    if lock(&send).send_msg(&registered, &[]).is_err() || conn.set_read_timeout(None).is_err() {
-        lock(&state.registry).remove_replica(id);
-        return;
-    }
-    tracing::info!(
-        service,
-        replica = id,
-        pid = process.pid,
-        app = process.app,
-        "replica registered"
-    );
-    loop {
-        let bytes = match conn.recv_msg(0) {
-            Ok((bytes, _)) => bytes,
-            Err(_) => break,
-        };
-        match control::decode_to_daemon(&bytes) {
-            Ok(ToDaemon::Closed { connection }) => {
-                if let Some(grant) = lock(&state.registry).close(id, connection) {
-                    tracing::debug!(
-                        service,
-                        connection,
-                        client = grant.caller.pid,
-                        "connection ended"
-                    );
-                }
-            }
-            Ok(ToDaemon::Stats { request, stats }) => state.scrapes.deliver(request, id, stats),
-            Ok(other) => {
-                tracing::warn!(
-                    service,
-                    replica = id,
-                    "unexpected {other:?}; dropping the replica"
-                );
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    service,
-                    replica = id,
-                    "unreadable message ({e}); dropping the replica"
-                );
-                break;
-            }
-        }
-    }
-    let removed = lock(&state.registry).remove_replica(id);
-    state.generation.fetch_add(1, Ordering::Relaxed);
-    if let Some(replica) = removed {
-        tracing::info!(
-            service,
-            replica = id,
-            pid = replica.process.pid,
-            connections = replica.connections.len(),
-            "replica gone; its grants are revoked"
-        );
-    }
-}
-
-/// The replicas of `service` and their load pages, for a balancing
-/// client.
-fn resolve(
-    state: &State,
-    service: &str,
-) -> Vec<(control::TableEntry, Arc<shmesh_shm::load::LoadView>)> {
-    lock(&state.registry)
-        .services()
-        .filter(|(name, _)| *name == service)
-        .flat_map(|(_, s)| s.replicas.values())
-        .filter_map(|r| {
-            let entry = control::TableEntry {
-                replica: r.id,
-                schema: r.policy.schema_hash.0,
-            };
-            r.load.clone().map(|load| (entry, load))
-        })
-        .take(control::MAX_TABLE)
-        .collect()
-}
-
-/// Answers a client's Hello: refuses, or grants a connection to a replica.
-/// `target`: the replica a balancing client chose ([`ToDaemon::ConnectTo`]);
-/// `None` lets the daemon pick.
-fn broker(
-    mut conn: Connection,
-    caller: Caller,
-    bytes: &[u8],
-    target: Option<u64>,
-    state: &Arc<State>,
-) {
-    let hello = match handshake::decode(bytes) {
-        Ok(Msg::Hello(hello)) => hello,
-        Ok(other) => {
-            tracing::warn!(
-                pid = caller.pid,
-                "a client's first message is a {}",
-                other.kind()
-            );
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(pid = caller.pid, "not a shmesh client: {e}");
-            return;
-        }
-    };
-    let service = hello.service.as_str().to_owned();
-    let refuse =
-        |conn: &mut Connection, reason: RefuseReason, why: &'static str, message: String| {
-            tracing::info!(
-                service,
-                client = caller.pid,
-                app = caller.app,
-                "refused: {message}"
-            );
-            lock(&state.registry).refused(&service, why);
-            let _ = conn.send_msg(
-                &handshake::encode(&Msg::Refuse(Refuse::new(reason, message))),
-                &[],
-            );
-        };
-
-    let decision = state.access.decide(&caller, &service);
-    if decision.action == Action::Deny {
-        let message = format!(
-            "uid {} ({}) may not use service {service:?}: {}",
-            caller.uid,
-            caller.app,
-            state.access.explain(decision)
-        );
-        return refuse(
-            &mut conn,
-            RefuseReason::Denied {
-                requested: hello.service.clone(),
-            },
-            "denied",
-            message,
-        );
-    }
-
-    // A replica may die between the pick and the hand-over: try the next.
-    for _attempt in 0..3 {
-        let (replica, policy, link, id) = {
-            let mut registry = lock(&state.registry);
-            let pick = match target {
-                None => registry.pick(&service, hello.schema_hash),
-                Some(id) => match registry.replica(id) {
-                    Some(r) if r.policy.service.as_str() != service => Pick::NoReplica,
-                    Some(r) if r.policy.schema_hash != hello.schema_hash => {
-                        Pick::SchemaMismatch(r.policy.schema_hash)
-                    }
-                    Some(_) => Pick::Replica(id),
-                    None => Pick::NoReplica,
-                },
-            };
-            match pick {
-                Pick::Replica(replica) => {
-                    let Some(r) = registry.replica(replica) else {
-                        continue;
-                    };
-                    let (policy, link) = (r.policy.clone(), r.link.clone());
-                    (replica, policy, link, registry.next_connection())
-                }
-                Pick::SchemaMismatch(server) => {
-                    drop(registry);
-                    let reason = RefuseReason::SchemaMismatch {
-                        client: hello.schema_hash,
-                        server,
-                    };
-                    let message = format!(
-                        "no replica of {service:?} was built from the client's schema {}",
-                        hello.schema_hash
-                    );
-                    return refuse(&mut conn, reason, "schema", message);
-                }
-                Pick::NoReplica => {
-                    drop(registry);
-                    let reason = RefuseReason::NoReplica {
-                        requested: hello.service.clone(),
-                    };
-                    let message = format!("no replica of {service:?} is registered");
-                    return refuse(&mut conn, reason, "no_replica", message);
-                }
-            }
-        };
-        let granted = match handshake::negotiate(&hello, &policy) {
-            Ok(granted) => granted,
-            Err(refusal) => {
-                let why = match refusal.reason() {
-                    RefuseReason::VersionMismatch { .. } => "version",
-                    RefuseReason::LimitsRefused { .. } => "limits",
-                    _ => "other",
-                };
-                let message = refusal.message().to_owned();
-                return refuse(&mut conn, refusal.reason().clone(), why, message);
-            }
-        };
-        if state.config.path_of(&service) == DataPath::Mediated {
-            return handover::mediate(conn, &hello, &granted, id, caller, state);
-        }
-        // Recorded before either side hears of it: the next client's pick
-        // counts it, and the replica's `Closed` can never come first.
-        lock(&state.registry).grant(replica, id, caller.clone());
-        match handover::hand_over(&mut conn, &hello, &granted, id, &caller, &link) {
-            Ok(()) => {
-                tracing::info!(
-                    service,
-                    connection = id,
-                    replica,
-                    client = caller.pid,
-                    app = caller.app,
-                    "connection granted"
-                );
-                return;
-            }
-            Err(HandOver::Replica(e)) => {
-                tracing::warn!(
-                    service,
-                    replica,
-                    "cannot hand a connection to the replica: {e}"
-                );
-                lock(&state.registry).remove_replica(replica);
-                state.generation.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(HandOver::Client(e)) => {
-                tracing::info!(
-                    service,
-                    client = caller.pid,
-                    "client left during the hand-over: {e}"
-                );
-                return;
-            }
-            Err(HandOver::Setup(e)) => {
-                lock(&state.registry).close(replica, id);
-                let message = format!("the daemon could not set up the connection: {e}");
-                return refuse(&mut conn, RefuseReason::Busy, "setup", message);
-            }
-        }
-    }
-    let reason = RefuseReason::NoReplica {
-        requested: hello.service.clone(),
-    };
-    let message = format!("no replica of {service:?} took the connection");
-    refuse(&mut conn, reason, "no_replica", message);
-}
-
-impl Scrapes {
-    fn deliver(&self, request: u64, replica: u64, stats: ReplicaStats) {
-        if let Some(answers) = lock(&self.answers).get_mut(&request) {
-            answers.insert(replica, stats);
-            self.arrived.notify_all();
-        }
-    }
-
-    /// Asks every replica for its counters; waits up to [`SCRAPE_TIMEOUT`].
-    fn collect(&self, links: Vec<(u64, Link)>) -> HashMap<u64, ReplicaStats> {
-        let request = self.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.answers).insert(request, HashMap::new());
-        let ask = control::encode(&FromDaemon::StatsRequest { request });
-        let mut asked = 0;
-        for (_, link) in &links {
-            if lock(link).send_msg(&ask, &[]).is_ok() {
-                asked += 1;
-            }
-        }
-        let deadline = Instant::now() + SCRAPE_TIMEOUT;
-        let mut answers = lock(&self.answers);
-        loop {
-            let have = answers.get(&request).map_or(0, HashMap::len);
-            let now = Instant::now();
-            if have >= asked || now >= deadline {
-                break;
-            }
-            answers = self
-                .arrived
-                .wait_timeout(answers, deadline - now)
-                .map_or_else(|e| e.into_inner().0, |(guard, _)| guard);
-        }
-        answers.remove(&request).unwrap_or_default()
-    }
-}
-
-/// Everything the daemon knows, with fresh counters from the replicas.
-pub(crate) fn report(state: &State) -> StatusReport {
-    let links: Vec<(u64, Link)> = lock(&state.registry)
-        .links()
-        .map(|(id, link)| (id, link.clone()))
-        .collect();
-    let mut stats = state.scrapes.collect(links);
-    let mediators: Vec<((String, handshake::SchemaHash), Arc<mediator::Mediator>)> =
-        lock(&state.mediators)
-            .iter()
-            .map(|(k, m)| (k.clone(), m.clone()))
-            .collect();
-    let stages = state.pipeline.stages();
-    let registry = lock(&state.registry);
-    let now = Instant::now();
-    let services = registry
-        .services()
-        .map(|(name, service)| ServiceStatus {
-            path: match state.config.path_of(name) {
-                DataPath::Direct => "direct".into(),
-                DataPath::Mediated => "mediated".into(),
-            },
-            mediated_clients: mediators
-                .iter()
-                .filter(|((service, _), _)| service == name)
-                .flat_map(|(_, m)| m.server.stats().snapshot().connections)
-                .map(|c| ConnectionStatus {
-                    id: c.id,
-                    caller: Caller {
-                        pid: c.peer.pid,
-                        uid: c.peer.uid,
-                        gid: c.peer.gid,
-                        app: std::fs::read_to_string(format!("/proc/{}/comm", c.peer.pid))
-                            .map(|s| s.trim_end().to_owned())
-                            .unwrap_or_default(),
-                    },
-                    age_secs: 0,
-                })
-                .collect(),
-            mediated: stages
-                .iter()
-                .flat_map(|stage| stage.engine.counters())
-                .filter(|(service, _)| service == name)
-                .map(|(_, m)| m)
-                .collect(),
-            name: name.to_owned(),
-            schema: service
-                .replicas
-                .values()
-                .next()
-                .map_or([0; 32], |r| r.policy.schema_hash.0),
-            grants_total: service.grants_total,
-            refusals_total: service.refusals.values().sum(),
-            replicas: service
-                .replicas
-                .values()
-                .map(|r| ReplicaStatus {
-                    id: r.id,
-                    process: Some(r.process.clone()),
-                    connections: r
-                        .connections
-                        .iter()
-                        .map(|(&id, grant)| ConnectionStatus {
-                            id,
-                            caller: grant.caller.clone(),
-                            age_secs: now.duration_since(grant.since).as_secs(),
-                        })
-                        .collect(),
-                    stats: stats.remove(&r.id),
-                })
-                .collect(),
-        })
-        .collect();
-    StatusReport {
-        pid: std::process::id() as i32,
-        uptime_secs: state.started.elapsed().as_secs(),
-        metrics: state.metrics.map(|a| a.to_string()),
-        services,
-        engines: handover::engines(&state.pipeline),
-    }
-}
-
-/// Asks the daemon at `socket` for its [`StatusReport`].
-pub fn query_status(socket: &Address) -> Result<StatusReport, StatusError> {
-    match ask(socket, &ToDaemon::Status)? {
-        FromDaemon::Status(report) => Ok(report),
-        _ => Err(StatusError::Unexpected),
-    }
-}
-
-/// Sends the daemon at `socket` a policy request (`shmesh policy`,
-/// `shmesh upgrade`); its answer says whether it was carried out.
-pub fn query_policy(
-    socket: &Address,
-    request: control::PolicyRequest,
-) -> Result<control::PolicyAnswer, StatusError> {
-    match ask(socket, &ToDaemon::Policy(request))? {
-        FromDaemon::Policy(answer) => Ok(answer),
-        _ => Err(StatusError::Unexpected),
-    }
-}
-
-/// One question, one answer.
-fn ask(socket: &Address, question: &ToDaemon) -> Result<FromDaemon, StatusError> {
-    let mut conn = shmesh::socket::connect(socket).map_err(|source| StatusError::Unreachable {
-        socket: socket.clone(),
-        source: Box::new(source),
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(StatusError::Io)?;
-    conn.send_msg(&control::encode(question), &[])
-        .map_err(|e| StatusError::Io(std::io::Error::other(e)))?;
-    let (bytes, _) = conn
-        .recv_msg(0)
-        .map_err(|e| StatusError::Io(std::io::Error::other(e)))?;
-    Ok(control::decode_from_daemon(&bytes)?)
-}
-
-/// A query to the daemon failed.
-#[derive(Debug, Error)]
-pub enum StatusError {
-    /// The daemon is not there.
-    #[error("cannot reach shmeshd at {socket} (is `shmesh daemon` running?): {source}")]
-    Unreachable {
-        /// Its socket.
-        socket: Address,
-        /// Why.
-        source: Box<shmesh::ConnectError>,
-    },
-    /// The exchange failed.
-    #[error("status query failed: {0}")]
-    Io(std::io::Error),
-    /// The answer does not decode.
-    #[error("unreadable status answer: {0}")]
-    Malformed(#[from] control::ControlError),
-    /// The daemon answered something else.
-    #[error("the daemon answered with something else than was asked")]
-    Unexpected,
-}
+pub use report::{StatusError, query_policy, query_status};

@@ -32,7 +32,7 @@ pub fn serve(segment: &std::sync::Arc<Segment>) -> Result<(), PingPongError> {
         }
         std::hint::spin_loop();
         turns = turns.wrapping_add(1);
-        if turns % (1 << 22) == 0 && rustix::process::getppid() != parent {
+        if turns.is_multiple_of(1 << 22) && rustix::process::getppid() != parent {
             return Ok(());
         }
     }
@@ -60,7 +60,7 @@ impl FloorClient {
         while self.word.load() != want {
             std::hint::spin_loop();
             turns = turns.wrapping_add(1);
-            if turns % (1 << 16) == 0 {
+            if turns.is_multiple_of(1 << 16) {
                 let start = Instant::now();
                 // Re-check against a clock only on the slow path.
                 while self.word.load() != want {

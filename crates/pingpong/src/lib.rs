@@ -490,7 +490,7 @@ impl Client {
         let call_id = self.next_call;
         // Take returned slabs back in batches: each look at the return ring
         // can cost a cache-line transfer, and the pool has room to spare.
-        if call_id % RETURN_BATCH == 0 {
+        if call_id.is_multiple_of(RETURN_BATCH) {
             drain_returns(&mut self.returns_in, &self.pool)?;
         }
         let mut d = Descriptor {

@@ -243,7 +243,7 @@ fn wait_until(
             }
             spin_hint();
             turns = turns.wrapping_add(1);
-            if turns % SPINS_PER_CLOCK_READ == 0 {
+            if turns.is_multiple_of(SPINS_PER_CLOCK_READ) {
                 let now = Instant::now();
                 let first = *start.get_or_insert(now);
                 if deadline_from(first).is_some_and(|d| now >= d) {
@@ -253,7 +253,7 @@ fn wait_until(
                     break;
                 }
             }
-            if turns >= SPINS_BEFORE_YIELDING && turns % SPINS_PER_YIELD == 0 {
+            if turns >= SPINS_BEFORE_YIELDING && turns.is_multiple_of(SPINS_PER_YIELD) {
                 // On an oversubscribed machine the peer we wait for may be
                 // queued behind us on this very CPU: let it run.
                 std::thread::yield_now();

@@ -561,7 +561,7 @@ pub fn parse_header(
                 segment_len: actual_len,
             });
         }
-        if region.offset % kind.alignment() != 0 {
+        if !region.offset.is_multiple_of(kind.alignment()) {
             return Err(HeaderError::Misaligned {
                 index,
                 offset: region.offset,

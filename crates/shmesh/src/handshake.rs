@@ -1053,12 +1053,12 @@ pub fn decode(bytes: &[u8]) -> Result<Msg, HandshakeError> {
     let mut header = Reader { buf: bytes };
     // Check the magic on its own first, so that a stranger's short reply
     // reads as "not shmesh" rather than "truncated".
-    if let Some(found) = bytes.get(..MAGIC.len()) {
-        if found != MAGIC {
-            let mut magic = [0; 4];
-            magic.copy_from_slice(found);
-            return Err(HandshakeError::BadMagic { found: magic });
-        }
+    if let Some(found) = bytes.get(..MAGIC.len())
+        && found != MAGIC
+    {
+        let mut magic = [0; 4];
+        magic.copy_from_slice(found);
+        return Err(HandshakeError::BadMagic { found: magic });
     }
     header.take(MAGIC.len(), "magic")?;
     let version = header.u16("wire format version")?;

@@ -125,7 +125,7 @@ impl Mailbox {
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 if start.elapsed() >= budget {
                     return false;
                 }

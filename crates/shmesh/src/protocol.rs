@@ -121,7 +121,7 @@ pub fn granted(d: &Descriptor) -> u32 {
 /// offset 0, where the segment header is.
 pub fn pack_handle(h: SlabHandle) -> Option<u64> {
     let lines = h.offset / 64;
-    (h.offset % 64 == 0 && lines != 0 && lines < 1 << 34 && h.generation < 1 << 30)
+    (h.offset.is_multiple_of(64) && lines != 0 && lines < 1 << 34 && h.generation < 1 << 30)
         .then(|| u64::from(h.generation) << 34 | lines)
 }
 

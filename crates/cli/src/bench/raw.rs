@@ -183,7 +183,7 @@ fn wait(
                 std::hint::spin_loop();
                 turns = turns.wrapping_add(1);
                 // Read the clock only on the slow path.
-                if turns % (1 << 16) == 0
+                if turns.is_multiple_of(1 << 16)
                     && let Some(timeout) = timeout
                     && since.get_or_insert_with(Instant::now).elapsed() > timeout
                 {
