@@ -32,7 +32,7 @@ use crate::handshake::{FdRole, Hello, Limits, PROTOCOL_VERSION, SchemaHash, Serv
 use crate::layout::{self, ClientEnds, LayoutError};
 use crate::mailbox::{Mailbox, Waiter};
 use crate::protocol::{self, MESSAGE, OPEN};
-use crate::socket::{self, ConnectError, Connection};
+use crate::socket::{self, ConnectError, Connection, PeerCredentials};
 use crate::status::{Code, Status};
 use crate::{Address, AddressError};
 
@@ -169,6 +169,8 @@ pub(crate) struct Inner {
     pub(crate) dead: AtomicBool,
     /// Why the channel died, once it has.
     death: Mutex<Option<String>>,
+    /// The server's credentials (`SO_PEERCRED` at connect).
+    peer: PeerCredentials,
     /// The socket, shut down when the last clone of the channel goes, so the
     /// watcher thread ends and the server sees the connection close.
     socket: std::os::fd::OwnedFd,
@@ -360,6 +362,7 @@ impl Channel {
             requested: options.limits.clone(),
         };
         let (welcome, fds) = socket::client_handshake(&mut conn, &hello)?;
+        let peer = conn.peer_credentials().map_err(ChannelError::Socket)?;
         let mut segment_fd = None;
         let mut bell_fd = None;
         for (role, fd) in welcome.fds.as_slice().iter().zip(fds) {
@@ -404,6 +407,7 @@ impl Channel {
             pending: Mutex::new(HashMap::default()),
             dead: AtomicBool::new(false),
             death: Mutex::new(None),
+            peer,
             socket,
             _segment: segment,
         });
@@ -520,6 +524,19 @@ impl Channel {
     /// mode, largest message).
     pub fn limits(&self) -> &Limits {
         &self.inner.granted
+    }
+
+    /// The server process's credentials, as the kernel recorded them when
+    /// the connection was made (`SO_PEERCRED`): unforgeable, but they
+    /// describe the server as it was at connect time.
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+    /// println!("served by pid {} (uid {})", channel.peer().pid, channel.peer().uid);
+    /// ```
+    pub fn peer(&self) -> PeerCredentials {
+        self.inner.peer
     }
 
     /// Whether the connection is gone (the server died or closed it).
