@@ -124,7 +124,11 @@ fn fill<T: Message>(value: &T, mut buf: RequestBuf, hint: &SizeHint) -> Result<N
 
 /// After a loan of the hinted length failed: if it failed for size, the
 /// hint's headroom may be what broke the limit; measure the message exactly.
-pub(crate) fn exact_len_after<T: Message>(status: Status, tried: usize, value: &T) -> Result<usize, Status> {
+pub(crate) fn exact_len_after<T: Message>(
+    status: Status,
+    tried: usize,
+    value: &T,
+) -> Result<usize, Status> {
     if status.code() != Code::ResourceExhausted {
         return Err(status);
     }

@@ -173,10 +173,10 @@ pub(crate) fn aligned(bytes: &[u8]) -> bool {
 /// Validates the frame `frame` in place and reads it there: no copy. Only
 /// for a [`TrustedPeer`] (see the [crate docs](crate)); a frame not aligned
 /// to 16 bytes is [`Error::Misaligned`] (use [`access`], which copies it).
-pub fn access_in_place<'a, T: Message>(
-    frame: &'a [u8],
+pub fn access_in_place<T: Message>(
+    frame: &[u8],
     _trust: TrustedPeer,
-) -> Result<&'a T::Archived, Error> {
+) -> Result<&T::Archived, Error> {
     if !aligned(frame) {
         return Err(Error::Misaligned {
             type_name: type_name::<T>(),

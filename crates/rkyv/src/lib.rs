@@ -130,8 +130,9 @@ pub use shmesh;
 /// (`bytecheck`). Implemented for every such type.
 pub trait Message:
     rkyv::Archive<
-        Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
-                      + Send
+        Archived: for<'a> rkyv::bytecheck::CheckBytes<
+            rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+        > + Send
                       + Sync
                       + 'static,
     > + for<'a, 'b> rkyv::Serialize<
@@ -393,7 +394,11 @@ mod tests {
     #[test]
     fn trust_comes_from_our_uid_or_root_only() {
         let me = rustix::process::geteuid().as_raw();
-        let peer = |uid| PeerCredentials { pid: 7, uid, gid: 0 };
+        let peer = |uid| PeerCredentials {
+            pid: 7,
+            uid,
+            gid: 0,
+        };
         assert!(TrustedPeer::from_credentials(&peer(me)).is_some());
         assert!(TrustedPeer::from_credentials(&peer(0)).is_some());
         let stranger = if me == 4242 { 4243 } else { 4242 };

@@ -11,15 +11,17 @@ use shmesh::status::Status;
 use yoke::Yoke;
 
 use crate::client::{exact_len_after, loan_failed, unstable};
-use crate::frame::{self, ArchivedBuf, SizeHint, TRAILER_LEN};
+use crate::frame::{self, Access, ArchivedBuf, SizeHint, TRAILER_LEN};
 use crate::{Error, Message, Method, ReadMode, ReadPath, TrustPolicy, type_name};
 
 /// rkyv handlers on a shmesh [`Router`].
 pub trait RouterExt: Sized {
     /// Serves `method` on the connection's thread (the fast path, for
     /// quick handlers, as [`Router::route_in_place`]): the handler gets the
-    /// request as `Req`'s archived type, read as `policy` decides for the
-    /// caller, and the [`Request`] (caller's credentials, time left); the
+    /// request as an [`Access`], which derefs to `Req`'s archived type and
+    /// says which path it took ([`Access::path`]), read as `policy` decides
+    /// for the caller, and the [`Request`] (caller's credentials, time
+    /// left); the
     /// `Resp` it returns (or anything that borrows as one, an `Arc<Resp>`
     /// say) is serialized straight into the reply's loan, of any size.
     ///
@@ -50,7 +52,7 @@ pub trait RouterExt: Sized {
         Req: Message,
         Resp: Message,
         R: Borrow<Resp>,
-        F: Fn(&Req::Archived, &Request<'_>) -> Result<R, Status> + Send + Sync + 'static;
+        F: Fn(&Access<'_, Req>, &Request<'_>) -> Result<R, Status> + Send + Sync + 'static;
 
     /// Serves `method` with an async handler, a task on the server's tokio
     /// runtime (as [`Router::route_async`]): it gets an [`ArchivedRequest`],
@@ -100,7 +102,7 @@ impl RouterExt for Router {
         Req: Message,
         Resp: Message,
         R: Borrow<Resp>,
-        F: Fn(&Req::Archived, &Request<'_>) -> Result<R, Status> + Send + Sync + 'static,
+        F: Fn(&Access<'_, Req>, &Request<'_>) -> Result<R, Status> + Send + Sync + 'static,
     {
         let replies = SizeHint::new();
         self.route_in_place(method.id(), move |request, reply| {
