@@ -5,11 +5,13 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const PEERS: [&str; 8] = [
+const PEERS: [&str; 10] = [
     "shmesh-poll",
     "shmesh-adaptive",
     "shmesh-block",
     "shmesh-async-adaptive",
+    "shmesh-rkyv",
+    "shmesh-prost",
     "tonic-tcp",
     "tonic-uds",
     "raw-floor",
@@ -119,5 +121,51 @@ fn peers_flag_restricts_the_rows() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     assert_eq!(peers, BTreeSet::from(["raw-floor", "shmesh-block"]));
     assert_eq!(rows.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn structured_peers_measure_every_size_beside_shmesh_poll() -> Result<(), Box<dyn std::error::Error>>
+{
+    let rows = bench(&[
+        "--json",
+        "--peers",
+        "shmesh-poll,shmesh-rkyv,shmesh-prost",
+        "--sizes",
+        "64,4K,64K",
+        "--inflight",
+        "1",
+        "--duration",
+        "10ms",
+    ])?;
+    assert_eq!(rows.len(), 9, "{rows:?}");
+    for row in &rows {
+        let peer = row.get("peer").and_then(|p| p.as_str()).ok_or("no peer")?;
+        assert!(
+            row.get("skipped").is_none(),
+            "row skipped: {}",
+            serde_json::to_string(row)?
+        );
+        assert!(
+            row.get("calls").and_then(|c| c.as_u64()) > Some(0),
+            "{peer}"
+        );
+        // Every row has shmesh-poll's row of its size to compare with.
+        for ratio in ["p50_vs_shmesh_poll", "calls_per_s_vs_shmesh_poll"] {
+            let value = row.get(ratio).and_then(|v| v.as_f64());
+            assert!(
+                value.is_some_and(|v| v.is_finite() && v > 0.0),
+                "{peer}: {ratio}"
+            );
+        }
+    }
+    let peers: BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r.get("peer").and_then(|p| p.as_str()))
+        .collect();
+    assert_eq!(
+        peers,
+        BTreeSet::from(["shmesh-poll", "shmesh-rkyv", "shmesh-prost"])
+    );
     Ok(())
 }

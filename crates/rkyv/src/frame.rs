@@ -316,11 +316,17 @@ impl SizeHint {
     }
 
     /// The frame length to loan for the next message: the remembered
-    /// length, an eighth more, rounded up to 16, plus the trailer.
+    /// archive and the trailer, plus an eighth of headroom that never
+    /// carries the loan past the next power of two (shmesh's slab sizes),
+    /// so a message of stable size keeps its slab class.
     pub fn loan_len(&self) -> usize {
         match self.archived() {
             0 => Self::FIRST,
-            n => (n + n / 8).next_multiple_of(ALIGN) + TRAILER_LEN,
+            n => {
+                let exact = n.saturating_add(TRAILER_LEN);
+                let class = exact.checked_next_power_of_two().unwrap_or(exact);
+                exact.saturating_add(n / 8).min(class)
+            }
         }
     }
 }
@@ -488,8 +494,12 @@ mod tests {
         hint.record(1000);
         assert_eq!(hint.archived(), 1000);
         assert!(hint.loan_len() >= 1000 + TRAILER_LEN);
+        assert!(hint.loan_len() <= 1024);
         hint.record(100);
         assert_eq!(hint.archived(), 1000 - 1000 / 16);
+        // A frame of exactly a power of two loans exactly that.
+        hint.record(4096 - TRAILER_LEN);
+        assert_eq!(hint.loan_len(), 4096);
         hint.record(5000);
         assert_eq!(hint.archived(), 5000);
     }

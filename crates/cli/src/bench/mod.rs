@@ -3,20 +3,23 @@
 //! processes.
 //!
 //! Every peer runs the same echo (the reply is the request's bytes; every
-//! client checks the whole reply). Each server is this program started as a
+//! client checks the whole reply), except `shmesh-rkyv` and `shmesh-prost`,
+//! which send and answer an order book of the payload size as an rkyv
+//! archive or a protobuf message ([`structured`]). Each server is this program started as a
 //! hidden `__bench-peer` subcommand, which reports its own CPU time over a
 //! control pipe (see [`control`]). Per peer, payload size and calls in
 //! flight, a row records round-trip percentiles from an HDR histogram, calls
 //! per second, and CPU time per call on each side (see [`measure`]).
 //!
 //! The modules: [`measure`] (closed-loop callers, histograms, getrusage),
-//! [`control`] (server processes), [`shmesh_peer`], [`tonic_peer`] and
-//! [`raw`] (the peers).
+//! [`control`] (server processes), [`shmesh_peer`], [`structured`],
+//! [`tonic_peer`] and [`raw`] (the peers).
 
 pub mod control;
 pub mod measure;
 pub mod raw;
 pub mod shmesh_peer;
+pub mod structured;
 pub mod tonic_peer;
 
 use std::io::Write;
@@ -41,6 +44,11 @@ pub enum Peer {
     ShmeshBlock,
     /// shmesh unary calls, tokio client (`AsyncChannel`), adaptive waiting.
     ShmeshAsyncAdaptive,
+    /// shmesh-poll carrying an order book as an rkyv archive, read in place
+    /// on both sides (shmesh-rkyv).
+    ShmeshRkyv,
+    /// shmesh-poll carrying the same order book encoded with prost.
+    ShmeshProst,
     /// tonic gRPC over TCP on 127.0.0.1.
     TonicTcp,
     /// tonic gRPC over a Unix domain socket.
@@ -53,11 +61,13 @@ pub enum Peer {
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 8] = [
+    pub const ALL: [Peer; 10] = [
         Peer::ShmeshPoll,
         Peer::ShmeshAdaptive,
         Peer::ShmeshBlock,
         Peer::ShmeshAsyncAdaptive,
+        Peer::ShmeshRkyv,
+        Peer::ShmeshProst,
         Peer::TonicTcp,
         Peer::TonicUds,
         Peer::RawFloor,
@@ -71,6 +81,8 @@ impl Peer {
             Peer::ShmeshAdaptive => "shmesh-adaptive",
             Peer::ShmeshBlock => "shmesh-block",
             Peer::ShmeshAsyncAdaptive => "shmesh-async-adaptive",
+            Peer::ShmeshRkyv => "shmesh-rkyv",
+            Peer::ShmeshProst => "shmesh-prost",
             Peer::TonicTcp => "tonic-tcp",
             Peer::TonicUds => "tonic-uds",
             Peer::RawFloor => "raw-floor",
@@ -304,19 +316,23 @@ enum Session {
 impl Session {
     fn start(peer: Peer, exe: &Path, max_size: usize) -> Result<Session> {
         use shmesh::WaitMode;
-        let shmesh = |mode, asynchronous| -> Result<Session> {
+        use shmesh_peer::Codec;
+        let shmesh = |mode, asynchronous, codec| -> Result<Session> {
             Ok(Session::Shmesh(shmesh_peer::Session::start(
                 exe,
                 peer.name(),
                 mode,
                 asynchronous,
+                codec,
             )?))
         };
         Ok(match peer {
-            Peer::ShmeshPoll => shmesh(WaitMode::Poll, false)?,
-            Peer::ShmeshAdaptive => shmesh(WaitMode::Adaptive, false)?,
-            Peer::ShmeshBlock => shmesh(WaitMode::Block, false)?,
-            Peer::ShmeshAsyncAdaptive => shmesh(WaitMode::Adaptive, true)?,
+            Peer::ShmeshPoll => shmesh(WaitMode::Poll, false, Codec::Bytes)?,
+            Peer::ShmeshAdaptive => shmesh(WaitMode::Adaptive, false, Codec::Bytes)?,
+            Peer::ShmeshBlock => shmesh(WaitMode::Block, false, Codec::Bytes)?,
+            Peer::ShmeshAsyncAdaptive => shmesh(WaitMode::Adaptive, true, Codec::Bytes)?,
+            Peer::ShmeshRkyv => shmesh(WaitMode::Poll, false, Codec::Rkyv)?,
+            Peer::ShmeshProst => shmesh(WaitMode::Poll, false, Codec::Prost)?,
             Peer::TonicTcp => {
                 Session::Tonic(tonic_peer::Session::start(exe, tonic_peer::Transport::Tcp)?)
             }
@@ -544,7 +560,10 @@ fn print_table(rows: &[Row], window: Window) {
     println!(
         "\nEvery client checks the whole echo. shmesh: request written in place into a \
          loaned slab, echoed in place by the server. tonic: the same echo from \
-         proto/echo.proto, one HTTP/2 connection. raw-floor / raw-futex: two processes \
+         proto/echo.proto, one HTTP/2 connection. shmesh-rkyv / shmesh-prost: shmesh-poll \
+         carrying an order book (strings and a vector of price levels) as large as fits the \
+         payload size, as an rkyv archive read in place on both sides / encoded and decoded \
+         with prost; each side reads and checks every field. raw-floor / raw-futex: two processes \
          ping-ponging on a shared word (spinning / parking on a shmesh-shm doorbell in Block \
          mode, which looks a few dozen times before it parks), copying the payload in \
          and out on both sides, no RPC layer; one call at a time.\n\

@@ -6,6 +6,10 @@
 //! The request is written in place into a loaned slab, the server's handler
 //! copies it in place into its reply slab, and the client checks the reply
 //! against the message where it lies.
+//!
+//! The same server also serves the structured peers ([`structured`]): an
+//! order book as an rkyv archive or a prost message, on the blocking
+//! client in `Poll` mode, for comparison with the bytes of `shmesh-poll`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use thiserror::Error;
 
 use super::control::{self, ControlError, PeerProcess};
 use super::measure::{self, CallResult, MeasureError, Measured, Window};
+use super::structured;
 
 /// The benchmark's echo service.
 pub const SERVICE: &str = "shmesh-bench-echo";
@@ -83,14 +88,14 @@ pub fn limits(wait_mode: WaitMode) -> Result<Limits, ShmeshPeerError> {
 /// Server side (`__bench-peer shmesh`): serves the echo at `address` until
 /// the benchmark closes our stdin.
 pub fn serve(address: &str) -> Result<(), ShmeshPeerError> {
-    let router = Router::new().route_in_place(ECHO, |request, reply| {
+    let router = structured::routes(Router::new().route_in_place(ECHO, |request, reply| {
         if !request.payload.is_empty() {
             reply
                 .loan(request.payload.len())?
                 .copy_from_slice(request.payload);
         }
         Ok(())
-    });
+    }));
     let mut server = Server::bind(address, SERVICE, SCHEMA, router)?;
     // Let the client choose any wait mode, polling included.
     server.set_max_limits(Limits {
@@ -111,22 +116,36 @@ enum Client {
     },
 }
 
+/// What the calls of a session carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Bytes, echoed (the `shmesh-*` peers).
+    Bytes,
+    /// An order book as an rkyv archive, read in place on both sides.
+    Rkyv,
+    /// The same order book as a protobuf message (prost).
+    Prost,
+}
+
 /// One server process and one connection to it, for all rows of a peer.
 pub struct Session {
     // The client goes first: the server must outlive the connection.
     client: Client,
     server: PeerProcess,
+    codec: Codec,
 }
 
 impl Session {
     /// Starts a server process (`exe __bench-peer shmesh ADDRESS`) and
-    /// connects to it in `mode`, with the async client if `asynchronous`;
-    /// `label` (unique per session of this process) names the address.
+    /// connects to it in `mode`, with the async client if `asynchronous`,
+    /// to make calls carrying `codec`; `label` (unique per session of this
+    /// process) names the address.
     pub fn start(
         exe: &Path,
         label: &str,
         mode: WaitMode,
         asynchronous: bool,
+        codec: Codec,
     ) -> Result<Self, ShmeshPeerError> {
         let address = format!("shm://@shmesh-bench-{}-{label}", std::process::id());
         tracing::debug!(%address, mode = mode_name(mode), asynchronous, "starting a shmesh peer");
@@ -152,7 +171,11 @@ impl Session {
         } else {
             Client::Blocking(channel)
         };
-        Ok(Session { client, server })
+        Ok(Session {
+            client,
+            server,
+            codec,
+        })
     }
 
     /// Measures `size`-byte echoes with `inflight` calls in flight.
@@ -179,6 +202,17 @@ impl Session {
                 "{size} B does not fit the granted limits (largest message {} B, largest slab {largest_slab} B)",
                 granted.max_message
             )));
+        }
+        match (self.codec, &self.client) {
+            (Codec::Bytes, _) => {}
+            (codec, Client::Blocking(channel)) => {
+                return structured_rows(channel, codec, size, inflight, window, &mut self.server);
+            }
+            (_, Client::Async { .. }) => {
+                return Err(ShmeshPeerError::Unservable(
+                    "structured messages are measured on the blocking client".into(),
+                ));
+            }
         }
         let message: Arc<[u8]> = (0..size).map(|i| i as u8).collect();
         // One call first: a size the pool cannot carry is a skipped row, not
@@ -212,11 +246,82 @@ impl Session {
 
     /// Closes the connection and stops the server.
     pub fn finish(self) -> Result<(), ShmeshPeerError> {
-        let Session { client, server } = self;
+        let Session { client, server, .. } = self;
         drop(client);
         server.stop()?;
         Ok(())
     }
+}
+
+/// Measures `codec`'s order book of the size class `size` on `channel`.
+fn structured_rows(
+    channel: &Channel,
+    codec: Codec,
+    size: usize,
+    inflight: usize,
+    window: Window,
+    server: &mut PeerProcess,
+) -> Result<Measured, ShmeshPeerError> {
+    let len = match codec {
+        Codec::Prost => structured::prost_len,
+        _ => structured::rkyv_len,
+    };
+    let levels = structured::levels_for(size, len).ok_or_else(|| {
+        ShmeshPeerError::Unservable(format!(
+            "an empty book takes {} B, more than {size} B",
+            len(0)
+        ))
+    })?;
+    tracing::debug!(
+        ?codec,
+        size,
+        levels,
+        bytes = len(levels),
+        "structured message for the row"
+    );
+    if codec == Codec::Prost {
+        let book = Arc::new(structured::prost_book(levels));
+        prost_call(channel, &book).map_err(unservable)?;
+        return Ok(measure::run_threads(inflight, window, server, || {
+            let (channel, book) = (channel.clone(), book.clone());
+            move || -> CallResult { Ok(prost_call(&channel, &book)?) }
+        })?);
+    }
+    // Both processes run as this user: responses are read in place.
+    let client = shmesh_rkyv::Client::trusting_same_user(channel.clone());
+    let book = Arc::new(structured::book(levels));
+    rkyv_call(&client, &book).map_err(unservable)?;
+    Ok(measure::run_threads(inflight, window, server, || {
+        let (client, book) = (client.clone(), book.clone());
+        move || -> CallResult { Ok(rkyv_call(&client, &book)?) }
+    })?)
+}
+
+/// One order book as rkyv: serialized into a loaned slab, read in place
+/// by the server, answered in place, checked in place.
+fn rkyv_call(client: &shmesh_rkyv::Client, book: &structured::Book) -> Result<(), ShmeshPeerError> {
+    let answer = client.call(&structured::BOOK, book, Some(CALL_TIMEOUT))?;
+    if !structured::same(&answer, book) {
+        return Err(ShmeshPeerError::WrongEcho);
+    }
+    Ok(())
+}
+
+/// One order book as protobuf: encoded into a loaned slab, decoded by the
+/// server, answered encoded into its slab, decoded and checked.
+fn prost_call(channel: &Channel, book: &structured::ProstBook) -> Result<(), ShmeshPeerError> {
+    let len = prost::Message::encoded_len(book);
+    let mut request = channel.loan(len, Some(CALL_TIMEOUT))?;
+    let mut out = &mut request[..];
+    prost::Message::encode(book, &mut out)
+        .map_err(|e| shmesh::status::Status::internal(e.to_string()))?;
+    let response = channel.send(structured::PROST, request, Some(CALL_TIMEOUT))?;
+    let answer: structured::ProstBook = prost::Message::decode(&response[..])
+        .map_err(|e| shmesh::status::Status::internal(e.to_string()))?;
+    if answer != *book {
+        return Err(ShmeshPeerError::WrongEcho);
+    }
+    Ok(())
 }
 
 /// A call that fails for lack of room is a size this channel cannot serve.
