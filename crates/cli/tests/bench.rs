@@ -5,13 +5,15 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const PEERS: [&str; 10] = [
+const PEERS: [&str; 12] = [
     "shmesh-poll",
     "shmesh-adaptive",
     "shmesh-block",
     "shmesh-async-adaptive",
     "shmesh-direct-daemon",
     "shmesh-mediated",
+    "shmesh-rkyv",
+    "shmesh-prost",
     "tonic-tcp",
     "tonic-uds",
     "raw-floor",
@@ -27,7 +29,12 @@ const NUMBERS: [&str; 6] = [
     "size",
 ];
 
+/// Each run keeps both cores busy with polling peers; two at once on a
+/// 2-core machine can starve a row of every call, so they run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn bench(args: &[&str]) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let output = Command::new(env!("CARGO_BIN_EXE_shmesh"))
         .arg("bench")
         .args(args)
@@ -121,6 +128,52 @@ fn peers_flag_restricts_the_rows() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     assert_eq!(peers, BTreeSet::from(["raw-floor", "shmesh-block"]));
     assert_eq!(rows.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn structured_peers_measure_every_size_beside_shmesh_poll() -> Result<(), Box<dyn std::error::Error>>
+{
+    let rows = bench(&[
+        "--json",
+        "--peers",
+        "shmesh-poll,shmesh-rkyv,shmesh-prost",
+        "--sizes",
+        "64,4K,64K",
+        "--inflight",
+        "1",
+        "--duration",
+        "50ms",
+    ])?;
+    assert_eq!(rows.len(), 9, "{rows:?}");
+    for row in &rows {
+        let peer = row.get("peer").and_then(|p| p.as_str()).ok_or("no peer")?;
+        assert!(
+            row.get("skipped").is_none(),
+            "row skipped: {}",
+            serde_json::to_string(row)?
+        );
+        assert!(
+            row.get("calls").and_then(|c| c.as_u64()) > Some(0),
+            "{peer}"
+        );
+        // Every row has shmesh-poll's row of its size to compare with.
+        for ratio in ["p50_vs_shmesh_poll", "calls_per_s_vs_shmesh_poll"] {
+            let value = row.get(ratio).and_then(|v| v.as_f64());
+            assert!(
+                value.is_some_and(|v| v.is_finite() && v > 0.0),
+                "{peer}: {ratio}"
+            );
+        }
+    }
+    let peers: BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r.get("peer").and_then(|p| p.as_str()))
+        .collect();
+    assert_eq!(
+        peers,
+        BTreeSet::from(["shmesh-poll", "shmesh-rkyv", "shmesh-prost"])
+    );
     Ok(())
 }
 

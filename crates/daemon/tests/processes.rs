@@ -41,6 +41,9 @@ fn brokered_connections_spread_over_replicas_and_show_in_status_and_metrics() {
     daemon.wait_for("two replicas", |r| replicas(r, "echo") == 2);
 
     let channels: Vec<Channel> = (0..4).map(|_| connect(&daemon, "echo")).collect();
+    // The kernel's record of a brokered connection names the daemon, so a
+    // channel does not claim to know the server's identity.
+    assert!(channels.iter().all(|c| c.peer().is_none()));
     for (i, channel) in channels.iter().enumerate() {
         for n in 0..100u32 {
             let body = format!("{i}:{n}");

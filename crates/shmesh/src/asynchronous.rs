@@ -92,6 +92,13 @@ impl AsyncChannel {
         &self.channel
     }
 
+    /// The server process's credentials from `SO_PEERCRED` at connect, if
+    /// the connection was made to the server's own socket (see
+    /// [`Channel::peer`]).
+    pub fn peer(&self) -> Option<crate::PeerCredentials> {
+        self.channel.peer()
+    }
+
     /// Loans a request buffer to write in place (see [`Channel::loan`]).
     /// Does not wait for a slab: an exhausted pool is `ResourceExhausted`
     /// after a short retry, as the blocking loan with a zero timeout would.

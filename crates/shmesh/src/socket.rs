@@ -609,8 +609,9 @@ pub struct HandedOver {
     pub segment: std::sync::Arc<shmesh_shm::segment::Segment>,
     /// The eventfd that wakes the client.
     pub client_bell: OwnedFd,
-    /// Who the client is, for the server's side (the socket pair's own
-    /// credentials would name whoever made it).
+    /// Who the other side is, if known: the client, for the server's side;
+    /// the server, for the client's (the socket pair's own credentials
+    /// would name whoever made it).
     pub peer: Option<PeerCredentials>,
 }
 

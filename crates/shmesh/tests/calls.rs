@@ -151,6 +151,19 @@ fn handlers_see_the_callers_pid() {
 }
 
 #[test]
+fn channels_see_the_servers_credentials() {
+    let (_server, addr) = start("server-creds");
+    let channel = connect(&addr);
+    let peer = channel
+        .peer()
+        .expect("connected to the server's own socket");
+    // The server runs on a thread of this process.
+    assert_eq!(peer.pid, std::process::id() as i32);
+    assert_eq!(peer.uid, rustix::process::geteuid().as_raw());
+    assert_eq!(peer.gid, rustix::process::getegid().as_raw());
+}
+
+#[test]
 fn schema_mismatch_names_both_hashes() {
     let (_server, addr) = start("schema");
     let err =

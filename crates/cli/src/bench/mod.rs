@@ -3,20 +3,23 @@
 //! processes.
 //!
 //! Every peer runs the same echo (the reply is the request's bytes; every
-//! client checks the whole reply). Each server is this program started as a
+//! client checks the whole reply), except `shmesh-rkyv` and `shmesh-prost`,
+//! which send and answer an order book of the payload size as an rkyv
+//! archive or a protobuf message ([`structured`]). Each server is this program started as a
 //! hidden `__bench-peer` subcommand, which reports its own CPU time over a
 //! control pipe (see [`control`]). Per peer, payload size and calls in
 //! flight, a row records round-trip percentiles from an HDR histogram, calls
 //! per second, and CPU time per call on each side (see [`measure`]).
 //!
 //! The modules: [`measure`] (closed-loop callers, histograms, getrusage),
-//! [`control`] (server processes), [`shmesh_peer`], [`tonic_peer`] and
-//! [`raw`] (the peers).
+//! [`control`] (server processes), [`shmesh_peer`], [`structured`],
+//! [`tonic_peer`] and [`raw`] (the peers).
 
 pub mod control;
 pub mod measure;
 pub mod raw;
 pub mod shmesh_peer;
+pub mod structured;
 pub mod tonic_peer;
 
 use std::io::Write;
@@ -50,6 +53,11 @@ pub enum Peer {
     /// shmesh-mediated while the rate limiter is upgraded live over and
     /// over (`--during-upgrades`; not in the default run).
     ShmeshMediatedUpgrading,
+    /// shmesh-poll carrying an order book as an rkyv archive, read in place
+    /// on both sides (shmesh-rkyv).
+    ShmeshRkyv,
+    /// shmesh-poll carrying the same order book encoded with prost.
+    ShmeshProst,
     /// tonic gRPC over TCP on 127.0.0.1.
     TonicTcp,
     /// tonic gRPC over a Unix domain socket.
@@ -62,7 +70,7 @@ pub enum Peer {
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 11] = [
+    pub const ALL: [Peer; 13] = [
         Peer::ShmeshPoll,
         Peer::ShmeshAdaptive,
         Peer::ShmeshBlock,
@@ -70,6 +78,8 @@ impl Peer {
         Peer::ShmeshDirectDaemon,
         Peer::ShmeshMediated,
         Peer::ShmeshMediatedUpgrading,
+        Peer::ShmeshRkyv,
+        Peer::ShmeshProst,
         Peer::TonicTcp,
         Peer::TonicUds,
         Peer::RawFloor,
@@ -86,6 +96,8 @@ impl Peer {
             Peer::ShmeshDirectDaemon => "shmesh-direct-daemon",
             Peer::ShmeshMediated => "shmesh-mediated",
             Peer::ShmeshMediatedUpgrading => "shmesh-mediated-upgrading",
+            Peer::ShmeshRkyv => "shmesh-rkyv",
+            Peer::ShmeshProst => "shmesh-prost",
             Peer::TonicTcp => "tonic-tcp",
             Peer::TonicUds => "tonic-uds",
             Peer::RawFloor => "raw-floor",
@@ -335,26 +347,35 @@ enum Session {
 impl Session {
     fn start(peer: Peer, exe: &Path, max_size: usize) -> Result<Session> {
         use shmesh::WaitMode;
-        use shmesh_peer::Route;
-        let shmesh = |mode, asynchronous, route| -> Result<Session> {
+        use shmesh_peer::{Codec, Route};
+        let shmesh = |mode, asynchronous, route, codec| -> Result<Session> {
             Ok(Session::Shmesh(shmesh_peer::Session::start(
                 exe,
                 peer.name(),
                 mode,
                 asynchronous,
                 route,
+                codec,
             )?))
         };
+        let bytes = Codec::Bytes;
         Ok(match peer {
-            Peer::ShmeshPoll => shmesh(WaitMode::Poll, false, Route::Socket)?,
-            Peer::ShmeshAdaptive => shmesh(WaitMode::Adaptive, false, Route::Socket)?,
-            Peer::ShmeshBlock => shmesh(WaitMode::Block, false, Route::Socket)?,
-            Peer::ShmeshAsyncAdaptive => shmesh(WaitMode::Adaptive, true, Route::Socket)?,
-            Peer::ShmeshDirectDaemon => shmesh(WaitMode::Poll, false, Route::DaemonDirect)?,
-            Peer::ShmeshMediated => shmesh(WaitMode::Adaptive, false, Route::DaemonMediated)?,
-            Peer::ShmeshMediatedUpgrading => {
-                shmesh(WaitMode::Adaptive, false, Route::DaemonMediatedUpgrading)?
+            Peer::ShmeshPoll => shmesh(WaitMode::Poll, false, Route::Socket, bytes)?,
+            Peer::ShmeshAdaptive => shmesh(WaitMode::Adaptive, false, Route::Socket, bytes)?,
+            Peer::ShmeshBlock => shmesh(WaitMode::Block, false, Route::Socket, bytes)?,
+            Peer::ShmeshAsyncAdaptive => shmesh(WaitMode::Adaptive, true, Route::Socket, bytes)?,
+            Peer::ShmeshDirectDaemon => shmesh(WaitMode::Poll, false, Route::DaemonDirect, bytes)?,
+            Peer::ShmeshMediated => {
+                shmesh(WaitMode::Adaptive, false, Route::DaemonMediated, bytes)?
             }
+            Peer::ShmeshMediatedUpgrading => shmesh(
+                WaitMode::Adaptive,
+                false,
+                Route::DaemonMediatedUpgrading,
+                bytes,
+            )?,
+            Peer::ShmeshRkyv => shmesh(WaitMode::Poll, false, Route::Socket, Codec::Rkyv)?,
+            Peer::ShmeshProst => shmesh(WaitMode::Poll, false, Route::Socket, Codec::Prost)?,
             Peer::TonicTcp => {
                 Session::Tonic(tonic_peer::Session::start(exe, tonic_peer::Transport::Tcp)?)
             }
@@ -588,7 +609,10 @@ fn print_table(rows: &[Row], window: Window) {
     println!(
         "\nEvery client checks the whole echo. shmesh: request written in place into a \
          loaned slab, echoed in place by the server. tonic: the same echo from \
-         proto/echo.proto, one HTTP/2 connection. raw-floor / raw-futex: two processes \
+         proto/echo.proto, one HTTP/2 connection. shmesh-rkyv / shmesh-prost: shmesh-poll \
+         carrying an order book (strings and a vector of price levels) as large as fits the \
+         payload size, as an rkyv archive read in place on both sides / encoded and decoded \
+         with prost; each side reads and checks every field. raw-floor / raw-futex: two processes \
          ping-ponging on a shared word (spinning / parking on a shmesh-shm doorbell in Block \
          mode, which looks a few dozen times before it parks), copying the payload in \
          and out on both sides, no RPC layer; one call at a time.\n\

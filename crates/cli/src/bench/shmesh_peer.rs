@@ -6,6 +6,10 @@
 //! The request is written in place into a loaned slab, the server's handler
 //! copies it in place into its reply slab, and the client checks the reply
 //! against the message where it lies.
+//!
+//! The same server also serves the structured peers ([`structured`]): an
+//! order book as an rkyv archive or a prost message, on the blocking
+//! client in `Poll` mode, for comparison with the bytes of `shmesh-poll`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use thiserror::Error;
 
 use super::control::{self, ControlError, PeerProcess};
 use super::measure::{self, CallResult, MeasureError, Measured, Window};
+use super::structured;
 
 /// The benchmark's echo service.
 pub const SERVICE: &str = "shmesh-bench-echo";
@@ -82,14 +87,14 @@ pub fn limits(wait_mode: WaitMode) -> Result<Limits, ShmeshPeerError> {
 
 /// The echo router: the request copied in place into the reply slab.
 fn echo_router() -> Router {
-    Router::new().route_in_place(ECHO, |request, reply| {
+    structured::routes(Router::new().route_in_place(ECHO, |request, reply| {
         if !request.payload.is_empty() {
             reply
                 .loan(request.payload.len())?
                 .copy_from_slice(request.payload);
         }
         Ok(())
-    })
+    }))
 }
 
 /// The most a benchmark server grants: any wait mode, polling included.
@@ -206,11 +211,23 @@ enum Client {
     },
 }
 
+/// What the calls of a session carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Bytes, echoed (the `shmesh-*` peers).
+    Bytes,
+    /// An order book as an rkyv archive, read in place on both sides.
+    Rkyv,
+    /// The same order book as a protobuf message (prost).
+    Prost,
+}
+
 /// One server process and one connection to it, for all rows of a peer.
 pub struct Session {
     // The client goes first: the server must outlive the connection.
     client: Client,
     server: PeerProcess,
+    codec: Codec,
     /// The daemon's directory, removed at the end.
     dir: Option<std::path::PathBuf>,
     /// The thread upgrading the daemon's rate limiter, and its stop flag.
@@ -230,6 +247,7 @@ impl Session {
         mode: WaitMode,
         asynchronous: bool,
         route: Route,
+        codec: Codec,
     ) -> Result<Self, ShmeshPeerError> {
         let mut options = ChannelOptions::new(SERVICE, SCHEMA);
         options.limits = limits(mode)?;
@@ -295,6 +313,7 @@ impl Session {
         Ok(Session {
             client,
             server,
+            codec,
             dir,
             upgrader,
         })
@@ -324,6 +343,17 @@ impl Session {
                 "{size} B does not fit the granted limits (largest message {} B, largest slab {largest_slab} B)",
                 granted.max_message
             )));
+        }
+        match (self.codec, &self.client) {
+            (Codec::Bytes, _) => {}
+            (codec, Client::Blocking(channel)) => {
+                return structured_rows(channel, codec, size, inflight, window, &mut self.server);
+            }
+            (_, Client::Async { .. }) => {
+                return Err(ShmeshPeerError::Unservable(
+                    "structured messages are measured on the blocking client".into(),
+                ));
+            }
         }
         let message: Arc<[u8]> = (0..size).map(|i| i as u8).collect();
         // One call first: a size the pool cannot carry is a skipped row, not
@@ -362,6 +392,7 @@ impl Session {
             server,
             dir,
             upgrader,
+            ..
         } = self;
         if let Some((stop, thread)) = upgrader {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -375,6 +406,77 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Measures `codec`'s order book of the size class `size` on `channel`.
+fn structured_rows(
+    channel: &Channel,
+    codec: Codec,
+    size: usize,
+    inflight: usize,
+    window: Window,
+    server: &mut PeerProcess,
+) -> Result<Measured, ShmeshPeerError> {
+    let len = match codec {
+        Codec::Prost => structured::prost_len,
+        _ => structured::rkyv_len,
+    };
+    let levels = structured::levels_for(size, len).ok_or_else(|| {
+        ShmeshPeerError::Unservable(format!(
+            "an empty book takes {} B, more than {size} B",
+            len(0)
+        ))
+    })?;
+    tracing::debug!(
+        ?codec,
+        size,
+        levels,
+        bytes = len(levels),
+        "structured message for the row"
+    );
+    if codec == Codec::Prost {
+        let book = Arc::new(structured::prost_book(levels));
+        prost_call(channel, &book).map_err(unservable)?;
+        return Ok(measure::run_threads(inflight, window, server, || {
+            let (channel, book) = (channel.clone(), book.clone());
+            move || -> CallResult { Ok(prost_call(&channel, &book)?) }
+        })?);
+    }
+    // Both processes run as this user: responses are read in place.
+    let client = shmesh_rkyv::Client::trusting_same_user(channel.clone());
+    let book = Arc::new(structured::book(levels));
+    rkyv_call(&client, &book).map_err(unservable)?;
+    Ok(measure::run_threads(inflight, window, server, || {
+        let (client, book) = (client.clone(), book.clone());
+        move || -> CallResult { Ok(rkyv_call(&client, &book)?) }
+    })?)
+}
+
+/// One order book as rkyv: serialized into a loaned slab, read in place
+/// by the server, answered in place, checked in place.
+fn rkyv_call(client: &shmesh_rkyv::Client, book: &structured::Book) -> Result<(), ShmeshPeerError> {
+    let answer = client.call(&structured::BOOK, book, Some(CALL_TIMEOUT))?;
+    if !structured::same(&answer, book) {
+        return Err(ShmeshPeerError::WrongEcho);
+    }
+    Ok(())
+}
+
+/// One order book as protobuf: encoded into a loaned slab, decoded by the
+/// server, answered encoded into its slab, decoded and checked.
+fn prost_call(channel: &Channel, book: &structured::ProstBook) -> Result<(), ShmeshPeerError> {
+    let len = prost::Message::encoded_len(book);
+    let mut request = channel.loan(len, Some(CALL_TIMEOUT))?;
+    let mut out = &mut request[..];
+    prost::Message::encode(book, &mut out)
+        .map_err(|e| shmesh::status::Status::internal(e.to_string()))?;
+    let response = channel.send(structured::PROST, request, Some(CALL_TIMEOUT))?;
+    let answer: structured::ProstBook = prost::Message::decode(&response[..])
+        .map_err(|e| shmesh::status::Status::internal(e.to_string()))?;
+    if answer != *book {
+        return Err(ShmeshPeerError::WrongEcho);
+    }
+    Ok(())
 }
 
 /// A call that fails for lack of room is a size this channel cannot serve.

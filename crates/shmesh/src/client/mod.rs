@@ -35,7 +35,7 @@ use crate::handshake::{FdRole, Hello, Limits, PROTOCOL_VERSION, SchemaHash, Serv
 use crate::layout::{self, ClientEnds, LayoutError};
 use crate::mailbox::{Mailbox, Waiter};
 use crate::protocol::{self, MESSAGE, OPEN};
-use crate::socket::{self, ConnectError, Connection};
+use crate::socket::{self, ConnectError, Connection, PeerCredentials};
 use crate::status::{Code, Status};
 use crate::{Address, AddressError};
 
@@ -198,6 +198,9 @@ pub(crate) struct Inner {
     pub(crate) dead: AtomicBool,
     /// Why the channel died, once it has.
     death: Mutex<Option<String>>,
+    /// The server's credentials (`SO_PEERCRED` at connect), when the
+    /// connection was made to the server's own socket.
+    peer: Option<PeerCredentials>,
     /// The socket, shut down when the last clone of the channel goes, so the
     /// watcher thread ends and the server sees the connection close.
     socket: std::os::fd::OwnedFd,
@@ -427,6 +430,13 @@ impl Channel {
                 FdRole::ServerDoorbell => {}
             }
         }
+        // Through the daemon, the socket is the daemon's: its credentials
+        // would name the daemon, not the server.
+        let peer = if via_daemon {
+            None
+        } else {
+            Some(conn.peer_credentials().map_err(ChannelError::Socket)?)
+        };
         // Through the daemon, the server is at the other end of a socket
         // pair the daemon made; the daemon's own socket is done with.
         let conn = match (liveness_fd, via_daemon) {
@@ -443,7 +453,7 @@ impl Channel {
             granted: welcome.granted,
             segment,
             client_bell: bell_fd,
-            peer: None,
+            peer,
         })
     }
 
@@ -457,6 +467,7 @@ impl Channel {
             granted,
             segment,
             client_bell: bell_fd,
+            peer,
             ..
         } = handed;
         let ends = ClientEnds::open(&segment, bell_fd)?;
@@ -491,6 +502,7 @@ impl Channel {
             pending: Mutex::new(HashMap::default()),
             dead: AtomicBool::new(false),
             death: Mutex::new(None),
+            peer,
             socket,
             _segment: segment,
         });
@@ -607,6 +619,23 @@ impl Channel {
     /// mode, largest message).
     pub fn limits(&self) -> &Limits {
         &self.inner.granted
+    }
+
+    /// The server process's credentials, as the kernel recorded them when
+    /// the connection was made (`SO_PEERCRED`): unforgeable, but they
+    /// describe the server as it was at connect time. `None` when the host
+    /// daemon brokered the connection (`shm+svc://`): the socket was the
+    /// daemon's, so the kernel's record names the daemon, not the server.
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+    /// if let Some(server) = channel.peer() {
+    ///     println!("served by pid {} (uid {})", server.pid, server.uid);
+    /// }
+    /// ```
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.inner.peer
     }
 
     /// Whether the connection is gone (the server died or closed it).
