@@ -136,10 +136,7 @@ where
         async move {
             let info = info(&call);
             let (requests, mut reply) = call.into_split();
-            let requests = RequestStream {
-                inner: Incoming::shmesh(requests, request_type),
-                info,
-            };
+            let requests = RequestStream::shmesh(requests, request_type, info);
             let response = handler(service, requests).await?;
             let buf = encoded(&response, |len| reply.loan(len)).await?;
             reply.send_buf(buf).await
@@ -167,9 +164,8 @@ where
         let info = info(&call);
         let (requests, responses) = call.into_split();
         let call = BidiStream {
-            incoming: Incoming::shmesh(requests, request_type),
-            outgoing: Outgoing::Shmesh(responses, PhantomData),
-            info,
+            requests: RequestStream::shmesh(requests, request_type, info),
+            responses: ResponseSink::shmesh(responses),
         };
         handler(service.clone(), call)
     })
@@ -253,16 +249,6 @@ pub(crate) enum Incoming<T> {
     Grpc(Box<tonic::Streaming<T>>),
 }
 
-impl<T> Incoming<T> {
-    fn shmesh(call: RecvHalf, request_type: &'static str) -> Self {
-        Incoming::Shmesh {
-            call,
-            request_type,
-            _message: PhantomData,
-        }
-    }
-}
-
 impl<T: prost::Message + Default> Incoming<T> {
     async fn message(&mut self) -> Result<Option<T>, Status> {
         match self {
@@ -279,6 +265,19 @@ impl<T: prost::Message + Default> Incoming<T> {
 }
 
 impl<T> RequestStream<T> {
+    /// Requests of a shmesh call (of protobuf type `request_type`), which
+    /// `info` describes.
+    fn shmesh(call: RecvHalf, request_type: &'static str, info: CallInfo) -> Self {
+        RequestStream {
+            inner: Incoming::Shmesh {
+                call,
+                request_type,
+                _message: PhantomData,
+            },
+            info,
+        }
+    }
+
     /// Requests from tonic's stream, of the call `info` describes.
     #[cfg(feature = "tonic")]
     pub(crate) fn grpc(stream: tonic::Streaming<T>, info: CallInfo) -> Self {
@@ -316,39 +315,37 @@ impl<T: prost::Message + Default> RequestStream<T> {
 /// [`BidiStream::into_split`].
 #[derive(Debug)]
 pub struct BidiStream<Req, Resp> {
-    incoming: Incoming<Req>,
-    outgoing: Outgoing<Resp>,
-    info: CallInfo,
+    requests: RequestStream<Req>,
+    responses: ResponseSink<Resp>,
 }
 
 impl<Req, Resp> BidiStream<Req, Resp> {
     /// A call over tonic's streams.
     #[cfg(feature = "tonic")]
     pub(crate) fn grpc(
-        incoming: tonic::Streaming<Req>,
-        outgoing: ResponseSink<Resp>,
+        requests: tonic::Streaming<Req>,
+        responses: ResponseSink<Resp>,
         info: CallInfo,
     ) -> Self {
         BidiStream {
-            incoming: Incoming::Grpc(Box::new(incoming)),
-            outgoing: outgoing.inner,
-            info,
+            requests: RequestStream::grpc(requests, info),
+            responses,
         }
     }
 
     /// The credentials of the calling process (`None` over gRPC).
     pub fn peer(&self) -> Option<PeerCredentials> {
-        self.info.peer
+        self.requests.peer()
     }
 
     /// The client's address over gRPC on TCP (`None` over shmesh).
     pub fn remote_addr(&self) -> Option<SocketAddr> {
-        self.info.remote_addr
+        self.requests.remote_addr()
     }
 
     /// Time left before the caller's deadline, if it set one.
     pub fn remaining(&self) -> Option<Duration> {
-        self.info.remaining()
+        self.requests.remaining()
     }
 
     /// Parts the call into its requests and its response sink, to read
@@ -358,29 +355,20 @@ impl<Req, Resp> BidiStream<Req, Resp> {
     /// fails once the call has ended. Dropping the sink sends nothing more;
     /// dropping the requests leaves the client's further requests unread.
     pub fn into_split(self) -> (RequestStream<Req>, ResponseSink<Resp>) {
-        let requests = RequestStream {
-            inner: self.incoming,
-            info: self.info,
-        };
-        (
-            requests,
-            ResponseSink {
-                inner: self.outgoing,
-            },
-        )
+        (self.requests, self.responses)
     }
 }
 
 impl<Req: prost::Message + Default, Resp: prost::Message + Clone> BidiStream<Req, Resp> {
     /// The next request; `None` once the client has sent its last.
     pub async fn message(&mut self) -> Result<Option<Req>, Status> {
-        self.incoming.message().await
+        self.requests.message().await
     }
 
     /// Sends one response, waiting while the client has not granted the
     /// credit for it. Over shmesh it is encoded straight into shared
     /// memory.
     pub async fn send(&mut self, message: &Resp) -> Result<(), Status> {
-        self.outgoing.send(message).await
+        self.responses.send(message).await
     }
 }
