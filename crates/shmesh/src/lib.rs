@@ -21,7 +21,11 @@
 //!   cancellation that the handler observes;
 //! - handlers per method in a [`server::Router`]: quick ones on the
 //!   connection's thread, blocking ones on a worker pool, async ones on
-//!   tokio; per-method and per-connection counters ([`stats`]).
+//!   tokio; per-method and per-connection counters ([`stats`]);
+//! - zero copy both ways: requests written in place into a loaned
+//!   [`client::RequestBuf`], answers into a loaned [`server::Reply`] or
+//!   [`server::ReplyBuf`] (unary and async handlers, every stream message),
+//!   each read in place by the other side.
 //!
 //! # Example
 //!
