@@ -29,6 +29,11 @@ use crate::status::{Code, Status};
 /// How long a blocked handler sleeps before re-checking liveness.
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(20);
 
+/// How long a loan waiting for a slab sleeps between looks at the
+/// exhausted pool: slabs come back as the client reads, and nothing
+/// announces them.
+pub(crate) const POOL_RETRY: Duration = Duration::from_micros(50);
+
 /// The connection is gone: the client died, or broke the protocol.
 #[derive(Debug, Clone, Copy, Error)]
 #[error("the connection is closed")]
@@ -381,7 +386,7 @@ impl Link {
             if let Some(over) = sending_over(&mailbox.lock()) {
                 return Err(over);
             }
-            std::thread::yield_now();
+            std::thread::sleep(POOL_RETRY);
         }
     }
 

@@ -349,7 +349,7 @@ impl ServerStream {
     ///     Ok(())
     /// });
     /// ```
-    pub fn loan(&mut self, len: usize) -> Result<ReplyBuf, Status> {
+    pub fn loan(&self, len: usize) -> Result<ReplyBuf, Status> {
         self.end.link.loan_blocking(&self.end.mailbox, len)
     }
 

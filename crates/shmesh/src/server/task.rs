@@ -28,7 +28,7 @@ use crate::mailbox::{Mailbox, Waiter};
 use crate::protocol;
 use crate::server::dispatch::Payload;
 use crate::server::link::{
-    AllocFailed, Link, in_place_flags, message, sending_over, try_take_credit,
+    AllocFailed, Link, POOL_RETRY, in_place_flags, message, sending_over, try_take_credit,
 };
 use crate::server::loan::{Outgoing, ReplyBuf};
 use crate::server::stream::{CallDone, CallEnd, Message, Step};
@@ -44,10 +44,6 @@ pub(crate) type AsyncHandler = dyn Fn(AsyncRequest) -> HandlerFuture<ReplyBuf> +
 
 /// An async streaming handler.
 pub(crate) type AsyncStreamHandler = dyn Fn(AsyncServerStream) -> HandlerFuture<()> + Send + Sync;
-
-/// How long an async loan sleeps between looks at an exhausted pool (slabs
-/// come back as the client reads; nothing announces them).
-const POOL_RETRY: Duration = Duration::from_micros(50);
 
 /// A unary call as an async handler sees it; owned, so the handler's future
 /// can keep it across awaits.
