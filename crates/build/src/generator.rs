@@ -49,7 +49,77 @@ impl Kind {
             Kind::Bidi => "bidirectional streaming",
         }
     }
+
+    /// The runtime's function for this kind: the same name in its
+    /// `client`, `blocking`, `server` and `grpc` modules (with `call_` in
+    /// front for a transport's call).
+    fn helper(self) -> &'static str {
+        match self {
+            Kind::Unary => "unary",
+            Kind::ServerStreaming => "server_streaming",
+            Kind::ClientStreaming => "client_streaming",
+            Kind::Bidi => "bidi_streaming",
+        }
+    }
+
+    /// Whether the client sends one request, given with the call (rather
+    /// than streamed after it).
+    fn one_request(self) -> bool {
+        matches!(self, Kind::Unary | Kind::ServerStreaming)
+    }
+
+    /// The names of the server trait method's parameters after `&self`.
+    fn server_params(self) -> &'static str {
+        match self {
+            Kind::Unary => "request",
+            Kind::ServerStreaming => "request, responses",
+            Kind::ClientStreaming => "requests",
+            Kind::Bidi => "call",
+        }
+    }
 }
+
+/// One of the two clients written per service: async or blocking.
+struct Flavour {
+    /// Starts the doc comments: "An async", "A blocking".
+    article: &'static str,
+    /// Ends the module's name (`{service}{module}`).
+    module: &'static str,
+    /// Ends the type's name (`{Service}{ty}`).
+    ty: &'static str,
+    /// The channel type under the runtime's `shmesh`.
+    channel: &'static str,
+    /// The runtime's module the calls go through.
+    calls: &'static str,
+    /// How a call that waits is declared and awaited.
+    asyncs: &'static str,
+    awaits: &'static str,
+    /// With gRPC, whether it calls through a transport picked from the
+    /// address's scheme (`shm://` or `http(s)://`).
+    picks_transport: bool,
+}
+
+const ASYNC: Flavour = Flavour {
+    article: "An async",
+    module: "_client",
+    ty: "Client",
+    channel: "asynchronous::AsyncChannel",
+    calls: "client",
+    asyncs: "async ",
+    awaits: ".await",
+    picks_transport: true,
+};
+
+const BLOCKING: Flavour = Flavour {
+    article: "A blocking",
+    module: "_blocking_client",
+    ty: "BlockingClient",
+    channel: "client::Channel",
+    calls: "blocking",
+    asyncs: "",
+    awaits: "",
+    picks_transport: false,
+};
 
 /// A protobuf type name without its leading dot.
 fn proto_name(name: &str) -> &str {
@@ -83,32 +153,29 @@ pub(crate) fn schema_of(service: &Service) -> ServiceSchema {
     }
 }
 
-/// Doc comments from the `.proto`, or `fallback` when it has none.
 /// Emits `pub struct {ty}<T> { inner: Arc<T> }` with its `Debug` and
 /// `Clone` (neither requiring `T` to have them): the shape of both the
 /// shmesh and the gRPC server wrappers.
 fn arc_wrapper(buf: &mut String, ty: &str) {
-    emit!(buf, "    pub struct {ty}<T> {{");
-    emit!(buf, "        inner: ::std::sync::Arc<T>,");
-    emit!(buf, "    }}");
-    emit!(buf, "    impl<T> ::core::fmt::Debug for {ty}<T> {{");
     emit!(
         buf,
-        "        fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{"
+        "    pub struct {ty}<T> {{
+        inner: ::std::sync::Arc<T>,
+    }}
+    impl<T> ::core::fmt::Debug for {ty}<T> {{
+        fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {{
+            f.debug_struct(\"{ty}\").finish_non_exhaustive()
+        }}
+    }}
+    impl<T> ::core::clone::Clone for {ty}<T> {{
+        fn clone(&self) -> Self {{
+            Self {{ inner: self.inner.clone() }}
+        }}
+    }}"
     );
-    emit!(
-        buf,
-        "            f.debug_struct(\"{ty}\").finish_non_exhaustive()"
-    );
-    emit!(buf, "        }}");
-    emit!(buf, "    }}");
-    emit!(buf, "    impl<T> ::core::clone::Clone for {ty}<T> {{");
-    emit!(buf, "        fn clone(&self) -> Self {{");
-    emit!(buf, "            Self {{ inner: self.inner.clone() }}");
-    emit!(buf, "        }}");
-    emit!(buf, "    }}");
 }
 
+/// Doc comments from the `.proto`, or `fallback` when it has none.
 fn docs(buf: &mut String, comments: &Comments, indent: u8, fallback: &str) {
     if comments.leading.is_empty() && comments.trailing.is_empty() {
         let pad = "    ".repeat(usize::from(indent));
@@ -128,8 +195,8 @@ impl ServiceGenerator for Generator {
         let module = service.name.to_snake_case();
         self.schema(&service, &module, buf);
         if self.client {
-            self.client(&service, &module, buf, false);
-            self.client(&service, &module, buf, true);
+            self.client(&service, &module, buf, &ASYNC);
+            self.client(&service, &module, buf, &BLOCKING);
         }
         if self.server {
             self.server(&service, &module, buf);
@@ -145,86 +212,48 @@ impl Generator {
         let hash = hash.map(|b| format!("{b:#04x}")).join(", ");
         emit!(
             buf,
-            "/// The schema of the `{name}` service: its name and hash, which the"
-        );
-        emit!(buf, "/// handshake checks, and the id of each method.");
-        emit!(buf, "pub mod {module}_schema {{");
-        emit!(buf, "    /// The fully qualified service name.");
-        emit!(buf, "    pub const SERVICE_NAME: &str = \"{name}\";");
-        emit!(
-            buf,
-            "    /// SHA-256 of the service's canonical description (its name, and each"
-        );
-        emit!(
-            buf,
-            "    /// method's name, request and response types and streaming, in order):"
-        );
-        emit!(
-            buf,
-            "    /// a client and a server built from different ones refuse each other."
-        );
-        emit!(
-            buf,
-            "    pub const SCHEMA_HASH: {rt}::shmesh::SchemaHash = {rt}::shmesh::SchemaHash([{hash}]);"
+            "/// The schema of the `{name}` service: its name and hash, which the
+/// handshake checks, and the id of each method.
+pub mod {module}_schema {{
+    /// The fully qualified service name.
+    pub const SERVICE_NAME: &str = \"{name}\";
+    /// SHA-256 of the service's canonical description (its name, and each
+    /// method's name, request and response types and streaming, in order):
+    /// a client and a server built from different ones refuse each other.
+    pub const SCHEMA_HASH: {rt}::shmesh::SchemaHash = {rt}::shmesh::SchemaHash([{hash}]);"
         );
         for (i, m) in service.methods.iter().enumerate() {
+            let (proto_name, kind) = (&m.proto_name, Kind::of(m).describe());
+            let (id_name, id) = (m.name.to_shouty_snake_case(), i + 1);
             emit!(
                 buf,
-                "    /// Method id of `{}` ({}).",
-                m.proto_name,
-                Kind::of(m).describe()
-            );
-            emit!(
-                buf,
-                "    pub const {}: u32 = {};",
-                m.name.to_shouty_snake_case(),
-                i + 1
+                "    /// Method id of `{proto_name}` ({kind}).
+    pub const {id_name}: u32 = {id};"
             );
         }
         emit!(
             buf,
-            "    /// Options to connect a channel to a `{name}` server."
+            "    /// Options to connect a channel to a `{name}` server.
+    pub fn channel_options() -> {rt}::shmesh::client::ChannelOptions {{
+        {rt}::shmesh::client::ChannelOptions::new(SERVICE_NAME, SCHEMA_HASH)
+    }}
+}}"
         );
-        emit!(
-            buf,
-            "    pub fn channel_options() -> {rt}::shmesh::client::ChannelOptions {{"
-        );
-        emit!(
-            buf,
-            "        {rt}::shmesh::client::ChannelOptions::new(SERVICE_NAME, SCHEMA_HASH)"
-        );
-        emit!(buf, "    }}");
-        emit!(buf, "}}");
     }
 
-    fn client(&self, service: &Service, module: &str, buf: &mut String, blocking: bool) {
+    fn client(&self, service: &Service, module: &str, buf: &mut String, flavour: &Flavour) {
         let rt = &self.runtime;
         let name = full_name(service);
-        let (mod_name, ty, channel, calls, awaits, asyncs) = if blocking {
-            let ty = format!("{}BlockingClient", service.name);
-            (
-                format!("{module}_blocking_client"),
-                ty,
-                "client::Channel",
-                "blocking",
-                "",
-                "",
-            )
-        } else {
-            let ty = format!("{}Client", service.name);
-            (
-                format!("{module}_client"),
-                ty,
-                "asynchronous::AsyncChannel",
-                "client",
-                ".await",
-                "async ",
-            )
-        };
-        let flavour = if blocking { "A blocking" } else { "An async" };
-        // With gRPC, the async client calls through a transport picked from
-        // the address's scheme.
-        let grpc = self.grpc && !blocking;
+        let Flavour {
+            article,
+            calls,
+            asyncs,
+            awaits,
+            ..
+        } = *flavour;
+        let mod_name = format!("{module}{}", flavour.module);
+        let ty = format!("{}{}", service.name, flavour.ty);
+        let grpc = self.grpc && flavour.picks_transport;
         let (channel, error, call, scheme_doc) = if grpc {
             (
                 format!("{rt}::grpc::Transport"),
@@ -234,84 +263,51 @@ impl Generator {
             )
         } else {
             (
-                format!("{rt}::shmesh::{channel}"),
+                format!("{rt}::shmesh::{}", flavour.channel),
                 format!("{rt}::shmesh::client::ChannelError"),
                 format!("{rt}::{calls}::"),
                 "`shm://@name`",
             )
         };
-        emit!(buf, "/// {flavour} client of the `{name}` service.");
+        emit!(buf, "/// {article} client of the `{name}` service.");
         emit!(buf, "pub mod {mod_name} {{");
         docs(
             buf,
             &service.comments,
             1,
-            &format!("{flavour} client of the `{name}` service. Cheap to clone."),
-        );
-        emit!(buf, "    #[derive(Debug, Clone)]");
-        emit!(buf, "    pub struct {ty} {{");
-        emit!(buf, "        channel: {channel},");
-        emit!(
-            buf,
-            "        timeout: ::core::option::Option<::core::time::Duration>,"
-        );
-        emit!(buf, "    }}");
-        emit!(buf, "    impl {ty} {{");
-        emit!(
-            buf,
-            "        /// Connects to the `{name}` server at `address` (`shm:///path` or"
+            &format!("{article} client of the `{name}` service. Cheap to clone."),
         );
         emit!(
             buf,
-            "        /// {scheme_doc}); fails if the server serves another service or another"
+            "    #[derive(Debug, Clone)]
+    pub struct {ty} {{
+        channel: {channel},
+        timeout: ::core::option::Option<::core::time::Duration>,
+    }}
+    impl {ty} {{
+        /// Connects to the `{name}` server at `address` (`shm:///path` or
+        /// {scheme_doc}); fails if the server serves another service or another
+        /// version of its schema.
+        pub {asyncs}fn connect(address: &str) -> ::core::result::Result<Self, {error}> {{
+            let channel = {channel}::connect(address, &super::{module}_schema::channel_options()){awaits}?;
+            ::core::result::Result::Ok(Self::new(channel))
+        }}
+        /// A client on a connected channel (whose options must be
+        /// [`super::{module}_schema::channel_options`]).
+        pub fn new(channel: {channel}) -> Self {{
+            Self {{ channel, timeout: ::core::option::Option::None }}
+        }}
+        /// Every call made through the returned client must end within `timeout`.
+        #[must_use]
+        pub fn with_timeout(mut self, timeout: ::core::time::Duration) -> Self {{
+            self.timeout = ::core::option::Option::Some(timeout);
+            self
+        }}
+        /// The channel underneath.
+        pub fn channel(&self) -> &{channel} {{
+            &self.channel
+        }}"
         );
-        emit!(buf, "        /// version of its schema.");
-        emit!(
-            buf,
-            "        pub {asyncs}fn connect(address: &str) -> ::core::result::Result<Self, {error}> {{"
-        );
-        emit!(
-            buf,
-            "            let channel = {channel}::connect(address, &super::{module}_schema::channel_options()){awaits}?;"
-        );
-        emit!(
-            buf,
-            "            ::core::result::Result::Ok(Self::new(channel))"
-        );
-        emit!(buf, "        }}");
-        emit!(
-            buf,
-            "        /// A client on a connected channel (whose options must be"
-        );
-        emit!(
-            buf,
-            "        /// [`super::{module}_schema::channel_options`])."
-        );
-        emit!(buf, "        pub fn new(channel: {channel}) -> Self {{");
-        emit!(
-            buf,
-            "            Self {{ channel, timeout: ::core::option::Option::None }}"
-        );
-        emit!(buf, "        }}");
-        emit!(
-            buf,
-            "        /// Every call made through the returned client must end within `timeout`."
-        );
-        emit!(buf, "        #[must_use]");
-        emit!(
-            buf,
-            "        pub fn with_timeout(mut self, timeout: ::core::time::Duration) -> Self {{"
-        );
-        emit!(
-            buf,
-            "            self.timeout = ::core::option::Option::Some(timeout);"
-        );
-        emit!(buf, "            self");
-        emit!(buf, "        }}");
-        emit!(buf, "        /// The channel underneath.");
-        emit!(buf, "        pub fn channel(&self) -> &{channel} {{");
-        emit!(buf, "            &self.channel");
-        emit!(buf, "        }}");
         for m in &service.methods {
             let kind = Kind::of(m);
             let (input, output) = (
@@ -319,7 +315,7 @@ impl Generator {
                 format!("super::{}", m.output_type),
             );
             let id = format!("super::{module}_schema::{}", m.name.to_shouty_snake_case());
-            let out_name = proto_name(&m.output_proto_type);
+            let (method, out_name) = (&m.name, proto_name(&m.output_proto_type));
             let status = format!("{rt}::shmesh::status::Status");
             // gRPC's path of the method, passed only to transport calls.
             let path = if grpc {
@@ -333,56 +329,35 @@ impl Generator {
                 2,
                 &format!("Calls `{}` ({}).", m.proto_name, kind.describe()),
             );
-            match kind {
-                Kind::Unary => {
-                    emit!(
-                        buf,
-                        "        pub {asyncs}fn {}(&self, request: impl ::core::borrow::Borrow<{input}>) -> ::core::result::Result<{output}, {status}> {{",
-                        m.name
-                    );
-                    emit!(
-                        buf,
-                        "            {call}unary(&self.channel, {id}, {path}request.borrow(), self.timeout, \"{out_name}\"){awaits}"
-                    );
-                }
-                Kind::ServerStreaming => {
-                    emit!(
-                        buf,
-                        "        pub {asyncs}fn {}(&self, request: impl ::core::borrow::Borrow<{input}>) -> ::core::result::Result<{rt}::{calls}::Streaming<{output}>, {status}> {{",
-                        m.name
-                    );
-                    emit!(
-                        buf,
-                        "            {call}server_streaming(&self.channel, {id}, {path}request.borrow(), self.timeout, \"{out_name}\"){awaits}"
-                    );
-                }
+            let helper = kind.helper();
+            let returns = match kind {
+                Kind::Unary => output,
+                Kind::ServerStreaming => format!("{rt}::{calls}::Streaming<{output}>"),
                 Kind::ClientStreaming => {
-                    emit!(
-                        buf,
-                        "        pub fn {}(&self) -> ::core::result::Result<{rt}::{calls}::ClientStreaming<{input}, {output}>, {status}> {{",
-                        m.name
-                    );
-                    emit!(
-                        buf,
-                        "            {call}client_streaming(&self.channel, {id}, {path}self.timeout, \"{out_name}\")"
-                    );
+                    format!("{rt}::{calls}::ClientStreaming<{input}, {output}>")
                 }
-                Kind::Bidi => {
-                    emit!(
-                        buf,
-                        "        pub fn {}(&self) -> ::core::result::Result<{rt}::{calls}::BidiStreaming<{input}, {output}>, {status}> {{",
-                        m.name
-                    );
-                    emit!(
-                        buf,
-                        "            {call}bidi_streaming(&self.channel, {id}, {path}self.timeout, \"{out_name}\")"
-                    );
-                }
-            }
-            emit!(buf, "        }}");
+                Kind::Bidi => format!("{rt}::{calls}::BidiStreaming<{input}, {output}>"),
+            };
+            // A call given its one request waits for the server; one that
+            // streams its requests returns at once.
+            let (asyncs, param, arg, awaits) = if kind.one_request() {
+                (
+                    asyncs,
+                    format!(", request: impl ::core::borrow::Borrow<{input}>"),
+                    "request.borrow(), ",
+                    awaits,
+                )
+            } else {
+                ("", String::new(), "", "")
+            };
+            emit!(
+                buf,
+                "        pub {asyncs}fn {method}(&self{param}) -> ::core::result::Result<{returns}, {status}> {{
+            {call}{helper}(&self.channel, {id}, {path}{arg}self.timeout, \"{out_name}\"){awaits}
+        }}"
+            );
         }
-        emit!(buf, "    }}");
-        emit!(buf, "}}");
+        emit!(buf, "    }}\n}}");
     }
 
     fn server(&self, service: &Service, module: &str, buf: &mut String) {
@@ -432,10 +407,10 @@ impl Generator {
                     "()".to_owned(),
                 ),
             };
+            let method = &m.name;
             emit!(
                 buf,
-                "        fn {}(&self, {params}) -> impl ::core::future::Future<Output = ::core::result::Result<{ret}, {status}>> + ::core::marker::Send;",
-                m.name
+                "        fn {method}(&self, {params}) -> impl ::core::future::Future<Output = ::core::result::Result<{ret}, {status}>> + ::core::marker::Send;"
             );
         }
         emit!(buf, "    }}");
@@ -444,32 +419,20 @@ impl Generator {
             "    /// Serves a [`{trait_name}`] implementation over shmesh."
         );
         arc_wrapper(buf, &ty);
-        emit!(buf, "    impl<T: {trait_name}> {ty}<T> {{");
-        emit!(buf, "        /// Serves `inner`.");
-        emit!(buf, "        pub fn new(inner: T) -> Self {{");
         emit!(
             buf,
-            "            Self::from_arc(::std::sync::Arc::new(inner))"
-        );
-        emit!(buf, "        }}");
-        emit!(buf, "        /// Serves a shared `inner`.");
-        emit!(
-            buf,
-            "        pub fn from_arc(inner: ::std::sync::Arc<T>) -> Self {{"
-        );
-        emit!(buf, "            Self {{ inner }}");
-        emit!(buf, "        }}");
-        emit!(
-            buf,
-            "        /// A router serving each method on its id (see [`super::{module}_schema`]);"
-        );
-        emit!(
-            buf,
-            "        /// the handlers run on the server's tokio runtime."
-        );
-        emit!(
-            buf,
-            "        pub fn into_router(self) -> {rt}::shmesh::server::Router {{"
+            "    impl<T: {trait_name}> {ty}<T> {{
+        /// Serves `inner`.
+        pub fn new(inner: T) -> Self {{
+            Self::from_arc(::std::sync::Arc::new(inner))
+        }}
+        /// Serves a shared `inner`.
+        pub fn from_arc(inner: ::std::sync::Arc<T>) -> Self {{
+            Self {{ inner }}
+        }}
+        /// A router serving each method on its id (see [`super::{module}_schema`]);
+        /// the handlers run on the server's tokio runtime.
+        pub fn into_router(self) -> {rt}::shmesh::server::Router {{"
         );
         if service.methods.is_empty() {
             emit!(buf, "            {rt}::shmesh::server::Router::new()");
@@ -478,50 +441,30 @@ impl Generator {
                 buf,
                 "            let mut router = {rt}::shmesh::server::Router::new();"
             );
-        }
-        for m in &service.methods {
-            let kind = Kind::of(m);
-            let id = format!("super::{module}_schema::{}", m.name.to_shouty_snake_case());
-            let in_name = proto_name(&m.input_proto_type);
-            let method = &m.name;
-            let (helper, params, args) = match kind {
-                Kind::Unary => ("unary", "request", "request"),
-                Kind::ServerStreaming => (
-                    "server_streaming",
-                    "request, responses",
-                    "request, responses",
-                ),
-                Kind::ClientStreaming => ("client_streaming", "requests", "requests"),
-                Kind::Bidi => ("bidi_streaming", "call", "call"),
-            };
-            emit!(
-                buf,
-                "            router = {rt}::server::{helper}(router, {id}, self.inner.clone(), \"{in_name}\", |service: ::std::sync::Arc<T>, {params}| async move {{ service.{method}({args}).await }});"
-            );
-        }
-        if !service.methods.is_empty() {
+            for m in &service.methods {
+                let kind = Kind::of(m);
+                let id = format!("super::{module}_schema::{}", m.name.to_shouty_snake_case());
+                let in_name = proto_name(&m.input_proto_type);
+                let method = &m.name;
+                let (helper, params) = (kind.helper(), kind.server_params());
+                emit!(
+                    buf,
+                    "            router = {rt}::server::{helper}(router, {id}, self.inner.clone(), \"{in_name}\", |service: ::std::sync::Arc<T>, {params}| async move {{ service.{method}({params}).await }});"
+                );
+            }
             emit!(buf, "            router");
         }
-        emit!(buf, "        }}");
         emit!(
             buf,
-            "        /// A server for this service bound at `address` (`shm:///path` or"
+            "        }}
+        /// A server for this service bound at `address` (`shm:///path` or
+        /// `shm://@name`): run it with `serve`, or on a thread of its own with
+        /// `BackgroundServer::spawn`.
+        pub fn bind(self, address: &str) -> ::core::result::Result<{rt}::shmesh::server::Server, {rt}::shmesh::server::ServerError> {{
+            {rt}::shmesh::server::Server::bind(address, super::{module}_schema::SERVICE_NAME, super::{module}_schema::SCHEMA_HASH, self.into_router())
+        }}
+    }}"
         );
-        emit!(
-            buf,
-            "        /// `shm://@name`): run it with `serve`, or on a thread of its own with"
-        );
-        emit!(buf, "        /// `BackgroundServer::spawn`.");
-        emit!(
-            buf,
-            "        pub fn bind(self, address: &str) -> ::core::result::Result<{rt}::shmesh::server::Server, {rt}::shmesh::server::ServerError> {{"
-        );
-        emit!(
-            buf,
-            "            {rt}::shmesh::server::Server::bind(address, super::{module}_schema::SERVICE_NAME, super::{module}_schema::SCHEMA_HASH, self.into_router())"
-        );
-        emit!(buf, "        }}");
-        emit!(buf, "    }}");
         if self.grpc {
             self.grpc(service, trait_name, &ty, buf);
         }
@@ -535,82 +478,53 @@ impl Generator {
         let name = full_name(service);
         let ty = format!("{}GrpcServer", service.name);
         let codegen = format!("{rt}::grpc::tonic::codegen");
-        emit!(buf, "    impl<T: {trait_name}> {server}<T> {{");
         emit!(
             buf,
-            "        /// The same service over gRPC: a tonic service to add to a"
+            "    impl<T: {trait_name}> {server}<T> {{
+        /// The same service over gRPC: a tonic service to add to a
+        /// `tonic::transport::Server`.
+        pub fn into_grpc(self) -> {ty}<T> {{
+            {ty} {{ inner: self.inner }}
+        }}
+    }}
+    /// A [`{trait_name}`] implementation served over gRPC by tonic (from
+    /// [`{server}::into_grpc`])."
         );
-        emit!(buf, "        /// `tonic::transport::Server`.");
-        emit!(buf, "        pub fn into_grpc(self) -> {ty}<T> {{");
-        emit!(buf, "            {ty} {{ inner: self.inner }}");
-        emit!(buf, "        }}");
-        emit!(buf, "    }}");
-        emit!(
-            buf,
-            "    /// A [`{trait_name}`] implementation served over gRPC by tonic (from"
-        );
-        emit!(buf, "    /// [`{server}::into_grpc`]).");
         arc_wrapper(buf, &ty);
         emit!(
             buf,
-            "    impl<T> {rt}::grpc::tonic::server::NamedService for {ty}<T> {{"
+            "    impl<T> {rt}::grpc::tonic::server::NamedService for {ty}<T> {{
+        const NAME: &'static str = \"{name}\";
+    }}
+    impl<T: {trait_name}, B> {codegen}::Service<{codegen}::http::Request<B>> for {ty}<T>
+    where
+        B: {codegen}::Body + ::core::marker::Send + 'static,
+        B::Error: ::core::convert::Into<{codegen}::StdError> + ::core::marker::Send + 'static,
+    {{
+        type Response = {codegen}::http::Response<{rt}::grpc::tonic::body::Body>;
+        type Error = ::core::convert::Infallible;
+        type Future = {rt}::grpc::GrpcFuture;
+        fn poll_ready(&mut self, _cx: &mut ::core::task::Context<'_>) -> ::core::task::Poll<::core::result::Result<(), Self::Error>> {{
+            ::core::task::Poll::Ready(::core::result::Result::Ok(()))
+        }}
+        fn call(&mut self, request: {codegen}::http::Request<B>) -> Self::Future {{
+            match request.uri().path() {{"
         );
-        emit!(buf, "        const NAME: &'static str = \"{name}\";");
-        emit!(buf, "    }}");
-        emit!(
-            buf,
-            "    impl<T: {trait_name}, B> {codegen}::Service<{codegen}::http::Request<B>> for {ty}<T>"
-        );
-        emit!(buf, "    where");
-        emit!(
-            buf,
-            "        B: {codegen}::Body + ::core::marker::Send + 'static,"
-        );
-        emit!(
-            buf,
-            "        B::Error: ::core::convert::Into<{codegen}::StdError> + ::core::marker::Send + 'static,"
-        );
-        emit!(buf, "    {{");
-        emit!(
-            buf,
-            "        type Response = {codegen}::http::Response<{rt}::grpc::tonic::body::Body>;"
-        );
-        emit!(buf, "        type Error = ::core::convert::Infallible;");
-        emit!(buf, "        type Future = {rt}::grpc::GrpcFuture;");
-        emit!(
-            buf,
-            "        fn poll_ready(&mut self, _cx: &mut ::core::task::Context<'_>) -> ::core::task::Poll<::core::result::Result<(), Self::Error>> {{"
-        );
-        emit!(
-            buf,
-            "            ::core::task::Poll::Ready(::core::result::Result::Ok(()))"
-        );
-        emit!(buf, "        }}");
-        emit!(
-            buf,
-            "        fn call(&mut self, request: {codegen}::http::Request<B>) -> Self::Future {{"
-        );
-        emit!(buf, "            match request.uri().path() {{");
         for m in &service.methods {
-            let method = &m.name;
-            let (helper, params) = match Kind::of(m) {
-                Kind::Unary => ("unary", "request"),
-                Kind::ServerStreaming => ("server_streaming", "request, responses"),
-                Kind::ClientStreaming => ("client_streaming", "requests"),
-                Kind::Bidi => ("bidi_streaming", "call"),
-            };
+            let (method, proto_name) = (&m.name, &m.proto_name);
+            let kind = Kind::of(m);
+            let (helper, params) = (kind.helper(), kind.server_params());
             emit!(
                 buf,
-                "                \"/{name}/{}\" => {rt}::grpc::{helper}(self.inner.clone(), |service: ::std::sync::Arc<T>, {params}| async move {{ service.{method}({params}).await }}, request),",
-                m.proto_name
+                "                \"/{name}/{proto_name}\" => {rt}::grpc::{helper}(self.inner.clone(), |service: ::std::sync::Arc<T>, {params}| async move {{ service.{method}({params}).await }}, request),"
             );
         }
         emit!(
             buf,
-            "                path => {rt}::grpc::unimplemented(path),"
+            "                path => {rt}::grpc::unimplemented(path),
+            }}
+        }}
+    }}"
         );
-        emit!(buf, "            }}");
-        emit!(buf, "        }}");
-        emit!(buf, "    }}");
     }
 }

@@ -1,17 +1,23 @@
 //! gRPC with tonic (feature `tonic`), beside shmesh.
 //!
 //! - Serving: the same service traits over gRPC: what a generated
-//!   `FooGrpcServer` calls for each method. Over gRPC, [`Request::peer`]
-//!   is `None` and deadlines are tonic's business.
+//!   `FooGrpcServer` calls for each method. Handlers see what gRPC tells
+//!   of the call: [`Request::remote_addr`] (on TCP; [`Request::peer`] is
+//!   `None`, there are no Unix credentials) and [`Request::remaining`],
+//!   from the `grpc-timeout` header ([`parse_timeout`]). The deadline is
+//!   enforced as over shmesh: a handler still running when it passes is
+//!   dropped, and one that finishes after it is `DeadlineExceeded`.
 //! - Calling: a [`Transport`] picked from the address's scheme (`shm://`
 //!   for shmesh, `http://` or `https://` for gRPC), which a generated async
-//!   client built with `grpc(true)` calls through.
+//!   client built with `grpc(true)` calls through. A call that runs out of
+//!   time is `DeadlineExceeded` over either (tonic reports its own timer
+//!   running out as `Cancelled`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shmesh::asynchronous::AsyncChannel;
 use shmesh::client::{ChannelError, ChannelOptions};
@@ -22,9 +28,9 @@ use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{BoxFuture, StdError, http};
 use tonic_prost::ProstCodec;
 
-use crate::Request;
 use crate::client;
 use crate::server::{BidiStream, RequestStream, ResponseSink};
+use crate::{CallInfo, Request};
 
 /// What a generated gRPC service's `call` returns.
 pub type GrpcFuture = BoxFuture<http::Response<tonic::body::Body>, Infallible>;
@@ -55,12 +61,159 @@ pub fn unimplemented(path: &str) -> GrpcFuture {
     Box::pin(async move { Ok(status.into_http()) })
 }
 
-struct Unary<S, F> {
-    service: Arc<S>,
-    handler: F,
+/// A `grpc-timeout` header that does not follow the gRPC spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeoutError {
+    /// Not a number followed by a unit.
+    #[error("{0:?} is not a number of at most 8 digits followed by a unit")]
+    Malformed(String),
+    /// The unit is none of `H`, `M`, `S`, `m`, `u`, `n`.
+    #[error("{0:?} has no unit (H, M, S, m, u or n)")]
+    Unit(String),
 }
 
-impl<S, Req, Resp, F, Fut> tonic::server::UnaryService<Req> for Unary<S, F>
+/// Parses a `grpc-timeout` header value as the gRPC spec writes it
+/// (PROTOCOL-HTTP2.md): a positive integer of at most 8 ASCII digits, then
+/// its unit: `H` hours, `M` minutes, `S` seconds, `m` milliseconds, `u`
+/// microseconds, `n` nanoseconds. Zero is taken as a deadline already
+/// passed; anything else (a sign, spaces, a ninth digit, no unit) is
+/// refused.
+///
+/// ```
+/// # use std::time::Duration;
+/// use shmesh_protobuf::grpc::parse_timeout;
+///
+/// assert_eq!(parse_timeout("250m"), Ok(Duration::from_millis(250)));
+/// assert_eq!(parse_timeout("3S"), Ok(Duration::from_secs(3)));
+/// assert!(parse_timeout("-1S").is_err());
+/// assert!(parse_timeout("123456789n").is_err());
+/// ```
+pub fn parse_timeout(value: &str) -> Result<Duration, TimeoutError> {
+    let malformed = || TimeoutError::Malformed(value.to_owned());
+    let Some(unit) = value.chars().last() else {
+        return Err(malformed());
+    };
+    let per_unit: fn(u64) -> Duration = match unit {
+        'H' => |n| Duration::from_secs(n * 3600),
+        'M' => |n| Duration::from_secs(n * 60),
+        'S' => Duration::from_secs,
+        'm' => Duration::from_millis,
+        'u' => Duration::from_micros,
+        'n' => Duration::from_nanos,
+        _ => return Err(TimeoutError::Unit(value.to_owned())),
+    };
+    let digits = &value[..value.len() - unit.len_utf8()];
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(malformed());
+    }
+    // At most 8 digits: no overflow in any unit.
+    digits.parse().map(per_unit).map_err(|_| malformed())
+}
+
+/// A gRPC request's message and what it says of its call: the client's
+/// address and the deadline of its `grpc-timeout` header. A malformed
+/// header fails the call with `Internal`, as grpc-go does.
+fn parts<T>(request: tonic::Request<T>) -> Result<(T, CallInfo), Status> {
+    let timeout = match request.metadata().get("grpc-timeout") {
+        None => None,
+        Some(value) => {
+            let value = value
+                .to_str()
+                .map_err(|_| Status::internal("malformed grpc-timeout: not ASCII"))?;
+            let timeout = parse_timeout(value)
+                .map_err(|e| Status::internal(format!("malformed grpc-timeout: {e}")))?;
+            Some(timeout)
+        }
+    };
+    let info = CallInfo::grpc(request.remote_addr(), timeout);
+    Ok((request.into_inner(), info))
+}
+
+/// Runs a handler's future `done` within the call's `deadline`, as shmesh
+/// does: dropped when the deadline passes, and `DeadlineExceeded` if it
+/// finishes after it.
+async fn within<T>(
+    deadline: Option<Instant>,
+    done: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let Some(deadline) = deadline else {
+        return done.await;
+    };
+    match tokio::time::timeout_at(deadline.into(), done).await {
+        Ok(Ok(_)) if Instant::now() >= deadline => Err(Status::deadline_exceeded(
+            "the handler finished after the caller's deadline",
+        )),
+        Ok(result) => result,
+        Err(_) => Err(Status::deadline_exceeded(
+            "the handler ran past the caller's deadline",
+        )),
+    }
+}
+
+/// The future of a call answered with one response: the handler's, as
+/// `start` gave it (with the call's deadline), run within the deadline.
+fn one<Resp, Fut>(
+    start: Result<(Option<Instant>, Fut), Status>,
+) -> BoxFuture<tonic::Response<Resp>, tonic::Status>
+where
+    Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
+{
+    Box::pin(async move {
+        let (deadline, reply) = start.map_err(to_tonic)?;
+        within(deadline, reply)
+            .await
+            .map(tonic::Response::new)
+            .map_err(to_tonic)
+    })
+}
+
+/// The responses tonic streams out.
+type Responses<Resp> = ReceiverStream<Result<Resp, tonic::Status>>;
+
+/// The future of a call answered with a stream: `start` gives the handler's
+/// future, sending into the sink it is given; it runs as a task within the
+/// call's deadline, and a failure (the deadline's included) ends the
+/// stream with its status.
+fn streamed<Resp, Fut>(
+    start: impl FnOnce(ResponseSink<Resp>) -> Result<(Option<Instant>, Fut), Status>,
+) -> BoxFuture<tonic::Response<Responses<Resp>>, tonic::Status>
+where
+    Resp: Send + 'static,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    let start = start(ResponseSink::grpc(tx.clone()));
+    Box::pin(async move {
+        let (deadline, done) = start.map_err(to_tonic)?;
+        tokio::spawn(async move {
+            if let Err(status) = within(deadline, done).await {
+                // The client may be gone already; then nobody is told.
+                let _ = tx.send(Err(to_tonic(status))).await;
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    })
+}
+
+/// A handler of the generated trait as a tonic service of any kind: the
+/// kind comes from the handler's signature.
+struct Bridge<S, F, Resp> {
+    service: Arc<S>,
+    handler: F,
+    _response: PhantomData<fn() -> Resp>,
+}
+
+impl<S, F, Resp> Bridge<S, F, Resp> {
+    fn new(service: Arc<S>, handler: F) -> Self {
+        Bridge {
+            service,
+            handler,
+            _response: PhantomData,
+        }
+    }
+}
+
+impl<S, Req, Resp, F, Fut> tonic::server::UnaryService<Req> for Bridge<S, F, Resp>
 where
     F: Fn(Arc<S>, Request<Req>) -> Fut,
     Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
@@ -69,9 +222,82 @@ where
     type Future = BoxFuture<tonic::Response<Resp>, tonic::Status>;
 
     fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
-        let reply = (self.handler)(self.service.clone(), Request::new(request.into_inner()));
-        Box::pin(async move { reply.await.map(tonic::Response::new).map_err(to_tonic) })
+        one(parts(request).map(|(message, info)| {
+            let request = Request::with_info(message, info);
+            (
+                info.deadline(),
+                (self.handler)(self.service.clone(), request),
+            )
+        }))
     }
+}
+
+impl<S, Req, Resp, F, Fut> tonic::server::ServerStreamingService<Req> for Bridge<S, F, Resp>
+where
+    Resp: Send + 'static,
+    F: Fn(Arc<S>, Request<Req>, ResponseSink<Resp>) -> Fut,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    type Response = Resp;
+    type ResponseStream = Responses<Resp>;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
+        streamed(|responses| {
+            let (message, info) = parts(request)?;
+            let request = Request::with_info(message, info);
+            let done = (self.handler)(self.service.clone(), request, responses);
+            Ok((info.deadline(), done))
+        })
+    }
+}
+
+impl<S, Req, Resp, F, Fut> tonic::server::ClientStreamingService<Req> for Bridge<S, F, Resp>
+where
+    Req: prost::Message + Default,
+    F: Fn(Arc<S>, RequestStream<Req>) -> Fut,
+    Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
+{
+    type Response = Resp;
+    type Future = BoxFuture<tonic::Response<Resp>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<Req>>) -> Self::Future {
+        one(parts(request).map(|(requests, info)| {
+            let requests = RequestStream::grpc(requests, info);
+            (
+                info.deadline(),
+                (self.handler)(self.service.clone(), requests),
+            )
+        }))
+    }
+}
+
+impl<S, Req, Resp, F, Fut> tonic::server::StreamingService<Req> for Bridge<S, F, Resp>
+where
+    Resp: Send + 'static,
+    F: Fn(Arc<S>, BidiStream<Req, Resp>) -> Fut,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    type Response = Resp;
+    type ResponseStream = Responses<Resp>;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<Req>>) -> Self::Future {
+        streamed(|responses| {
+            let (requests, info) = parts(request)?;
+            let call = BidiStream::grpc(requests, responses, info);
+            Ok((info.deadline(), (self.handler)(self.service.clone(), call)))
+        })
+    }
+}
+
+/// tonic's server side of a call with `Req` requests and `Resp` responses.
+fn grpc_server<Req, Resp>() -> tonic::server::Grpc<ProstCodec<Resp, Req>>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+{
+    tonic::server::Grpc::new(ProstCodec::default())
 }
 
 /// Serves a unary gRPC `request` with `handler`.
@@ -89,51 +315,8 @@ where
     B: tonic::codegen::Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(ProstCodec::<Resp, Req>::default());
-        Ok(grpc.unary(Unary { service, handler }, request).await)
-    })
-}
-
-struct ServerStreaming<S, Resp, F> {
-    service: Arc<S>,
-    handler: F,
-    _response: PhantomData<fn() -> Resp>,
-}
-
-impl<S, Req, Resp, F, Fut> tonic::server::ServerStreamingService<Req>
-    for ServerStreaming<S, Resp, F>
-where
-    Resp: Send + 'static,
-    F: Fn(Arc<S>, Request<Req>, ResponseSink<Resp>) -> Fut,
-    Fut: Future<Output = Result<(), Status>> + Send + 'static,
-{
-    type Response = Resp;
-    type ResponseStream = ReceiverStream<Result<Resp, tonic::Status>>;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
-
-    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let done = (self.handler)(
-            self.service.clone(),
-            Request::new(request.into_inner()),
-            ResponseSink::grpc(tx.clone()),
-        );
-        tokio::spawn(ended(done, tx));
-        Box::pin(async move { Ok(tonic::Response::new(ReceiverStream::new(rx))) })
-    }
-}
-
-/// Runs a streaming handler to its end, which ends the stream with its
-/// status if it failed.
-async fn ended<T>(
-    done: impl Future<Output = Result<(), Status>>,
-    tx: tokio::sync::mpsc::Sender<Result<T, tonic::Status>>,
-) {
-    if let Err(status) = done.await {
-        // The client may be gone already; then nobody is told.
-        let _ = tx.send(Err(to_tonic(status))).await;
-    }
+    let bridge = Bridge::new(service, handler);
+    Box::pin(async move { Ok(grpc_server().unary(bridge, request).await) })
 }
 
 /// Serves a server-streaming gRPC `request` with `handler`.
@@ -151,42 +334,8 @@ where
     B: tonic::codegen::Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(ProstCodec::<Resp, Req>::default());
-        Ok(grpc
-            .server_streaming(
-                ServerStreaming {
-                    service,
-                    handler,
-                    _response: PhantomData,
-                },
-                request,
-            )
-            .await)
-    })
-}
-
-struct ClientStreaming<S, F> {
-    service: Arc<S>,
-    handler: F,
-}
-
-impl<S, Req, Resp, F, Fut> tonic::server::ClientStreamingService<Req> for ClientStreaming<S, F>
-where
-    Req: prost::Message + Default,
-    F: Fn(Arc<S>, RequestStream<Req>) -> Fut,
-    Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
-{
-    type Response = Resp;
-    type Future = BoxFuture<tonic::Response<Resp>, tonic::Status>;
-
-    fn call(&mut self, request: tonic::Request<tonic::Streaming<Req>>) -> Self::Future {
-        let reply = (self.handler)(
-            self.service.clone(),
-            RequestStream::grpc(request.into_inner()),
-        );
-        Box::pin(async move { reply.await.map(tonic::Response::new).map_err(to_tonic) })
-    }
+    let bridge = Bridge::new(service, handler);
+    Box::pin(async move { Ok(grpc_server().server_streaming(bridge, request).await) })
 }
 
 /// Serves a client-streaming gRPC `request` with `handler`.
@@ -204,39 +353,8 @@ where
     B: tonic::codegen::Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(ProstCodec::<Resp, Req>::default());
-        Ok(grpc
-            .client_streaming(ClientStreaming { service, handler }, request)
-            .await)
-    })
-}
-
-struct Bidi<S, Resp, F> {
-    service: Arc<S>,
-    handler: F,
-    _response: PhantomData<fn() -> Resp>,
-}
-
-impl<S, Req, Resp, F, Fut> tonic::server::StreamingService<Req> for Bidi<S, Resp, F>
-where
-    Resp: Send + 'static,
-    F: Fn(Arc<S>, BidiStream<Req, Resp>) -> Fut,
-    Fut: Future<Output = Result<(), Status>> + Send + 'static,
-{
-    type Response = Resp;
-    type ResponseStream = ReceiverStream<Result<Resp, tonic::Status>>;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
-
-    fn call(&mut self, request: tonic::Request<tonic::Streaming<Req>>) -> Self::Future {
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let done = (self.handler)(
-            self.service.clone(),
-            BidiStream::grpc(request.into_inner(), tx.clone()),
-        );
-        tokio::spawn(ended(done, tx));
-        Box::pin(async move { Ok(tonic::Response::new(ReceiverStream::new(rx))) })
-    }
+    let bridge = Bridge::new(service, handler);
+    Box::pin(async move { Ok(grpc_server().client_streaming(bridge, request).await) })
 }
 
 /// Serves a bidirectional-streaming gRPC `request` with `handler`.
@@ -254,19 +372,8 @@ where
     B: tonic::codegen::Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
-    Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(ProstCodec::<Resp, Req>::default());
-        Ok(grpc
-            .streaming(
-                Bidi {
-                    service,
-                    handler,
-                    _response: PhantomData,
-                },
-                request,
-            )
-            .await)
-    })
+    let bridge = Bridge::new(service, handler);
+    Box::pin(async move { Ok(grpc_server().streaming(bridge, request).await) })
 }
 
 /// Where a generated client's calls go: a shmesh channel or a gRPC one.
@@ -275,7 +382,7 @@ pub enum Transport {
     /// shmesh, for `shm://` addresses.
     Shmesh(AsyncChannel),
     /// gRPC over HTTP/2, for `http://` and `https://` addresses.
-    Grpc(tonic::client::Grpc<tonic::transport::Channel>),
+    Grpc(GrpcChannel),
 }
 
 /// Connecting a [`Transport`] failed.
@@ -332,10 +439,11 @@ pub(crate) async fn joined<T>(
     }
 }
 
+/// A gRPC client channel.
+type GrpcChannel = tonic::client::Grpc<tonic::transport::Channel>;
+
 /// A gRPC channel ready for a call.
-async fn ready(
-    grpc: &tonic::client::Grpc<tonic::transport::Channel>,
-) -> Result<tonic::client::Grpc<tonic::transport::Channel>, Status> {
+async fn ready(grpc: &GrpcChannel) -> Result<GrpcChannel, Status> {
     let mut grpc = grpc.clone();
     grpc.ready()
         .await
@@ -352,13 +460,20 @@ fn grpc_request<T>(message: T, timeout: Option<Duration>) -> tonic::Request<T> {
     request
 }
 
-/// The task that runs a streaming gRPC call, with the runtime it runs on.
-fn spawn_call<Resp: Send + 'static>(
-    call: impl Future<Output = Result<Reply<Resp>, Status>> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<Result<Reply<Resp>, Status>>, Status> {
-    let runtime = tokio::runtime::Handle::try_current()
-        .map_err(|_| Status::failed_precondition("a gRPC stream needs a tokio runtime"))?;
-    Ok(runtime.spawn(call))
+/// Turns the failure of a call that had to end by `deadline` into
+/// shmesh's status: tonic's own timer running out is `Cancelled` there,
+/// `DeadlineExceeded` here, as over shmesh.
+fn failed(deadline: Option<Instant>) -> impl Fn(tonic::Status) -> Status {
+    move |status| {
+        let status = from_tonic(status);
+        if status.code() == Code::Cancelled && deadline.is_some_and(|d| Instant::now() >= d) {
+            return Status::deadline_exceeded(format!(
+                "no response before the deadline ({})",
+                status.message()
+            ));
+        }
+        status
+    }
 }
 
 /// A unary call over `transport`: shmesh's method id `method`, gRPC's
@@ -379,16 +494,19 @@ where
         Transport::Shmesh(channel) => {
             crate::client::unary(channel, method, request, timeout, response_type).await
         }
-        Transport::Grpc(grpc) => ready(grpc)
-            .await?
-            .unary(
-                grpc_request(request.clone(), timeout),
-                PathAndQuery::from_static(path),
-                ProstCodec::<Req, Resp>::default(),
-            )
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(from_tonic),
+        Transport::Grpc(grpc) => {
+            let deadline = timeout.map(|t| Instant::now() + t);
+            ready(grpc)
+                .await?
+                .unary(
+                    grpc_request(request.clone(), timeout),
+                    PathAndQuery::from_static(path),
+                    ProstCodec::<Req, Resp>::default(),
+                )
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(failed(deadline))
+        }
     }
 }
 
@@ -410,6 +528,7 @@ where
             crate::client::server_streaming(channel, method, request, timeout, response_type).await
         }
         Transport::Grpc(grpc) => {
+            let deadline = timeout.map(|t| Instant::now() + t);
             let stream = ready(grpc)
                 .await?
                 .server_streaming(
@@ -418,10 +537,43 @@ where
                     ProstCodec::<Req, Resp>::default(),
                 )
                 .await
-                .map_err(from_tonic)?;
+                .map_err(failed(deadline))?;
             Ok(client::Streaming::grpc(stream.into_inner()))
         }
     }
+}
+
+/// A gRPC call whose requests stream up: what feeds them, and the task
+/// that makes the call.
+type Upstream<Req, Resp> = (
+    tokio::sync::mpsc::Sender<Req>,
+    tokio::task::JoinHandle<Result<Reply<Resp>, Status>>,
+);
+
+/// Starts a gRPC call whose requests stream up: `call` makes it, on a
+/// ready channel, with a request fed by the returned sender, as a task on
+/// the current tokio runtime.
+fn stream_up<Req, Resp, Fut>(
+    grpc: &GrpcChannel,
+    timeout: Option<Duration>,
+    call: impl FnOnce(GrpcChannel, tonic::Request<ReceiverStream<Req>>) -> Fut + Send + 'static,
+) -> Result<Upstream<Req, Resp>, Status>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    Fut: Future<Output = Result<Reply<Resp>, tonic::Status>> + Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|_| Status::failed_precondition("a gRPC stream needs a tokio runtime"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    let (grpc, deadline) = (grpc.clone(), timeout.map(|t| Instant::now() + t));
+    let task = runtime.spawn(async move {
+        let request = grpc_request(ReceiverStream::new(rx), timeout);
+        call(ready(&grpc).await?, request)
+            .await
+            .map_err(failed(deadline))
+    });
+    Ok((tx, task))
 }
 
 /// A client-streaming call over `transport` (over gRPC, run as a task on
@@ -442,18 +594,10 @@ where
             crate::client::client_streaming(channel, method, timeout, response_type)
         }
         Transport::Grpc(grpc) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-            let grpc = grpc.clone();
-            let call = spawn_call(async move {
-                let reply = ready(&grpc)
-                    .await?
-                    .client_streaming(
-                        grpc_request(ReceiverStream::new(rx), timeout),
-                        PathAndQuery::from_static(path),
-                        ProstCodec::<Req, Resp>::default(),
-                    )
-                    .await
-                    .map_err(from_tonic)?;
+            let (tx, call) = stream_up(grpc, timeout, move |mut grpc, request| async move {
+                let codec = ProstCodec::<Req, Resp>::default();
+                let path = PathAndQuery::from_static(path);
+                let reply = grpc.client_streaming(request, path, codec).await?;
                 Ok(Reply::One(reply.into_inner()))
             })?;
             Ok(client::ClientStreaming::grpc(tx, call))
@@ -479,21 +623,83 @@ where
             crate::client::bidi_streaming(channel, method, timeout, response_type)
         }
         Transport::Grpc(grpc) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-            let grpc = grpc.clone();
-            let call = spawn_call(async move {
-                let responses = ready(&grpc)
-                    .await?
-                    .streaming(
-                        grpc_request(ReceiverStream::new(rx), timeout),
-                        PathAndQuery::from_static(path),
-                        ProstCodec::<Req, Resp>::default(),
-                    )
-                    .await
-                    .map_err(from_tonic)?;
+            let (tx, call) = stream_up(grpc, timeout, move |mut grpc, request| async move {
+                let codec = ProstCodec::<Req, Resp>::default();
+                let path = PathAndQuery::from_static(path);
+                let responses = grpc.streaming(request, path, codec).await?;
                 Ok(Reply::Stream(Box::new(responses.into_inner())))
             })?;
             Ok(client::BidiStreaming::grpc(tx, call))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse_in_every_unit() {
+        let cases = [
+            ("2H", Duration::from_secs(7200)),
+            ("3M", Duration::from_secs(180)),
+            ("45S", Duration::from_secs(45)),
+            ("250m", Duration::from_millis(250)),
+            ("1500u", Duration::from_micros(1500)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
+            ("99999999H", Duration::from_secs(99_999_999 * 3600)),
+            ("00000007S", Duration::from_secs(7)),
+            ("0m", Duration::ZERO),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(parse_timeout(value), Ok(expected), "{value}");
+        }
+    }
+
+    #[test]
+    fn malformed_timeouts_are_refused() {
+        for value in [
+            "",
+            "S",
+            "m",
+            "123456789S",
+            "-1S",
+            "+1S",
+            " 1S",
+            "1 S",
+            "1.5S",
+            "1e3m",
+            "１S",
+        ] {
+            assert!(
+                matches!(parse_timeout(value), Err(TimeoutError::Malformed(_))),
+                "{value:?}: {:?}",
+                parse_timeout(value)
+            );
+        }
+        for value in ["1", "10s", "10h", "5ms", "7x"] {
+            assert!(
+                matches!(parse_timeout(value), Err(TimeoutError::Unit(_))),
+                "{value:?}: {:?}",
+                parse_timeout(value)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_is_held_to_the_deadline() {
+        let soon = Some(Instant::now() + Duration::from_millis(20));
+        let never = within(soon, std::future::pending::<Result<(), Status>>()).await;
+        assert_eq!(never.unwrap_err().code(), Code::DeadlineExceeded);
+        // Finishing late (without yielding) is no better.
+        let late = within(soon, async {
+            std::thread::sleep(Duration::from_millis(30));
+            Ok(())
+        })
+        .await;
+        assert_eq!(late.unwrap_err().code(), Code::DeadlineExceeded);
+        let later = Some(Instant::now() + Duration::from_secs(60));
+        assert_eq!(within(later, async { Ok(7) }).await.unwrap(), 7);
+        assert_eq!(within(None, async { Ok(8) }).await.unwrap(), 8);
     }
 }

@@ -16,11 +16,13 @@
 //! - `grpc` (feature `tonic`): the same service traits served over gRPC
 //!   with tonic;
 //! - [`Request`]: a message with the call's metadata (the caller's
-//!   credentials, the time left before its deadline).
+//!   credentials or address, the time left before its deadline).
 //!
-//! Messages are encoded straight into a loaned request buffer in shared
-//! memory ([`encode_into`]) and decoded straight from the response's bytes
-//! in place ([`decode`]); a message that does not decode is
+//! Messages are encoded by prost straight into a buffer loaned in shared
+//! memory ([`encode_into`]), with no intermediate `Vec`: requests on the
+//! client, and on the server every response and every message of a
+//! response stream. They are decoded straight from the bytes in place
+//! ([`decode`]); a message that does not decode is
 //! [`Code::Internal`](shmesh::status::Code::Internal), naming its type.
 //!
 //! [`shmesh-build`]: https://example.invalid/shmesh
@@ -33,6 +35,7 @@ pub mod client;
 pub mod grpc;
 pub mod server;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub use prost;
@@ -40,16 +43,60 @@ pub use shmesh;
 use shmesh::PeerCredentials;
 use shmesh::status::Status;
 
+/// What a server knows of a call besides its messages: who made it and
+/// until when it may run. Over shmesh the caller's credentials (from the
+/// kernel) and the deadline that travelled with the call; over gRPC the
+/// client's address and the deadline of its `grpc-timeout` header.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CallInfo {
+    peer: Option<PeerCredentials>,
+    remote_addr: Option<SocketAddr>,
+    deadline: Option<Instant>,
+}
+
+impl CallInfo {
+    /// A shmesh call from `peer` with `remaining` time before its deadline.
+    pub(crate) fn shmesh(peer: PeerCredentials, remaining: Option<Duration>) -> Self {
+        CallInfo {
+            peer: Some(peer),
+            remote_addr: None,
+            deadline: remaining.map(|r| Instant::now() + r),
+        }
+    }
+
+    /// A gRPC call from `remote_addr` (when the transport has one) that
+    /// must end within `timeout` of now.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(remote_addr: Option<SocketAddr>, timeout: Option<Duration>) -> Self {
+        CallInfo {
+            peer: None,
+            remote_addr,
+            deadline: timeout.map(|t| Instant::now() + t),
+        }
+    }
+
+    /// When the call must have ended.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+}
+
 /// A message with the metadata of the call it came with.
 ///
 /// On the server, [`Request::peer`] is the calling process's credentials
-/// (from the kernel, unforgeable) and [`Request::remaining`] the time left
-/// before the caller's deadline.
+/// over shmesh (from the kernel, unforgeable), [`Request::remote_addr`]
+/// the client's address over gRPC on TCP, and [`Request::remaining`] the
+/// time left before the caller's deadline on either transport.
 #[derive(Debug, Clone)]
 pub struct Request<T> {
     message: T,
-    peer: Option<PeerCredentials>,
-    deadline: Option<Instant>,
+    info: CallInfo,
 }
 
 impl<T> Request<T> {
@@ -57,19 +104,19 @@ impl<T> Request<T> {
     pub fn new(message: T) -> Self {
         Request {
             message,
-            peer: None,
-            deadline: None,
+            info: CallInfo::default(),
         }
     }
 
     /// A request carrying `message` from `peer`, with `remaining` time
     /// before its deadline (counted from now).
     pub fn from_parts(message: T, peer: PeerCredentials, remaining: Option<Duration>) -> Self {
-        Request {
-            message,
-            peer: Some(peer),
-            deadline: remaining.map(|r| Instant::now() + r),
-        }
+        Request::with_info(message, CallInfo::shmesh(peer, remaining))
+    }
+
+    /// A request carrying `message` of the call `info` describes.
+    pub(crate) fn with_info(message: T, info: CallInfo) -> Self {
+        Request { message, info }
     }
 
     /// The message.
@@ -87,17 +134,22 @@ impl<T> Request<T> {
         self.message
     }
 
-    /// The credentials of the calling process (`None` on a request not
-    /// received from a peer).
+    /// The credentials of the calling process: `None` over gRPC (a TCP
+    /// peer has none) and on a request not received from a peer.
     pub fn peer(&self) -> Option<PeerCredentials> {
-        self.peer
+        self.info.peer
+    }
+
+    /// The client's address over gRPC on TCP; `None` over shmesh (see
+    /// [`Request::peer`]) and over transports without addresses.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.info.remote_addr
     }
 
     /// Time left before the caller's deadline, if it set one (zero once it
-    /// has passed).
+    /// has passed). Over gRPC, the deadline of the `grpc-timeout` header.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
+        self.info.remaining()
     }
 }
 

@@ -12,18 +12,39 @@
 //! | bidirectional ([`bidi_streaming`]) | [`BidiStream<Req, Resp>`] | `()` |
 //!
 //! A request that does not decode ends the call with `Internal`, naming
-//! the request's type, before the handler runs.
+//! the request's type, before the handler runs. Every response, and every
+//! message of a response stream, is encoded by prost straight into a
+//! buffer loaned in shared memory (its `encoded_len`, then `encode` into
+//! the loan): no intermediate `Vec`, no copy.
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shmesh::PeerCredentials;
-use shmesh::server::{AsyncRequest, AsyncServerStream, Router};
+use shmesh::server::{AsyncServerStream, RecvHalf, ReplyBuf, Router, SendHalf};
 use shmesh::status::Status;
 
-use crate::{Request, decode};
+use crate::{CallInfo, Request, decode, encode_into};
+
+/// `message` encoded into a buffer of exactly its encoded length, loaned
+/// by `loan`.
+async fn encoded<T, F>(message: &T, loan: impl FnOnce(usize) -> F) -> Result<ReplyBuf, Status>
+where
+    T: prost::Message,
+    F: Future<Output = Result<ReplyBuf, Status>>,
+{
+    let mut buf = loan(message.encoded_len()).await?;
+    encode_into(message, &mut buf)?;
+    Ok(buf)
+}
+
+/// What a shmesh stream says of its call.
+fn info(call: &AsyncServerStream) -> CallInfo {
+    CallInfo::shmesh(call.peer(), call.remaining())
+}
 
 /// Routes the unary `method` to `handler`, called with `service` and the
 /// decoded request (of protobuf type `request_type`).
@@ -41,14 +62,17 @@ where
     F: Fn(Arc<S>, Request<Req>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
 {
-    router.route_async(method, move |request: AsyncRequest| {
-        // Decoded before the task's first await, so the request's slab
-        // goes back at once.
+    router.route_async_in_place(method, move |request| {
+        // Decoded before the handler's future starts; the request stays
+        // for its connection to lend the response buffer.
         let reply = decode::<Req>(request.payload(), request_type).map(|message| {
-            let request = Request::from_parts(message, request.peer(), request.remaining());
-            handler(service.clone(), request)
+            let info = CallInfo::shmesh(request.peer(), request.remaining());
+            handler(service.clone(), Request::with_info(message, info))
         });
-        async move { Ok(reply?.await?.encode_to_vec()) }
+        async move {
+            let response = reply?.await?;
+            encoded(&response, |len| request.loan(len)).await
+        }
     })
 }
 
@@ -70,7 +94,7 @@ where
     Fut: Future<Output = Result<(), Status>> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    router.route_stream_async(method, move |mut call: AsyncServerStream| {
+    router.route_stream_async(method, move |mut call| {
         let (service, handler) = (service.clone(), handler.clone());
         async move {
             let message = {
@@ -81,8 +105,10 @@ where
                 };
                 decode::<Req>(&first, request_type)?
             };
-            let request = Request::from_parts(message, call.peer(), call.remaining());
-            handler(service, request, ResponseSink::shmesh(call)).await
+            let request = Request::with_info(message, info(&call));
+            // The client sends nothing after its one request.
+            let (_, responses) = call.into_split();
+            handler(service, request, ResponseSink::shmesh(responses)).await
         }
     })
 }
@@ -105,22 +131,15 @@ where
     Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    router.route_stream_async(method, move |call: AsyncServerStream| {
+    router.route_stream_async(method, move |call| {
         let (service, handler) = (service.clone(), handler.clone());
         async move {
-            let (peer, remaining) = (call.peer(), call.remaining());
-            let call = Arc::new(tokio::sync::Mutex::new(call));
-            let requests = RequestStream {
-                inner: Incoming::Shmesh {
-                    call: call.clone(),
-                    request_type,
-                    _message: PhantomData,
-                },
-                peer: Some(peer),
-                remaining,
-            };
-            let reply = handler(service, requests).await?.encode_to_vec();
-            call.lock().await.send(&reply).await
+            let info = info(&call);
+            let (requests, mut reply) = call.into_split();
+            let requests = RequestStream::shmesh(requests, request_type, info);
+            let response = handler(service, requests).await?;
+            let buf = encoded(&response, |len| reply.loan(len)).await?;
+            reply.send_buf(buf).await
         }
     })
 }
@@ -141,18 +160,14 @@ where
     F: Fn(Arc<S>, BidiStream<Req, Resp>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), Status>> + Send + 'static,
 {
-    router.route_stream_async(method, move |call: AsyncServerStream| {
-        handler(
-            service.clone(),
-            BidiStream {
-                inner: Bidi::Shmesh {
-                    call,
-                    buf: Vec::new(),
-                    request_type,
-                    _messages: PhantomData,
-                },
-            },
-        )
+    router.route_stream_async(method, move |call| {
+        let info = info(&call);
+        let (requests, responses) = call.into_split();
+        let call = BidiStream {
+            requests: RequestStream::shmesh(requests, request_type, info),
+            responses: ResponseSink::shmesh(responses),
+        };
+        handler(service.clone(), call)
     })
 }
 
@@ -165,12 +180,8 @@ pub struct ResponseSink<T> {
 /// Where responses go.
 #[derive(Debug)]
 pub(crate) enum Outgoing<T> {
-    /// To a shmesh call, each encoded into the reused `buf`.
-    Shmesh {
-        call: AsyncServerStream,
-        buf: Vec<u8>,
-        _message: PhantomData<fn(&T)>,
-    },
+    /// To a shmesh call, each encoded into a buffer loaned there.
+    Shmesh(SendHalf, PhantomData<fn(&T)>),
     /// To the stream tonic sends from.
     #[cfg(feature = "tonic")]
     Grpc(tokio::sync::mpsc::Sender<Result<T, tonic::Status>>),
@@ -179,12 +190,9 @@ pub(crate) enum Outgoing<T> {
 impl<T: prost::Message + Clone> Outgoing<T> {
     async fn send(&mut self, message: &T) -> Result<(), Status> {
         match self {
-            Outgoing::Shmesh { call, buf, .. } => {
-                buf.clear();
-                message
-                    .encode(buf)
-                    .map_err(|e| Status::internal(format!("cannot encode a response: {e}")))?;
-                call.send(buf).await
+            Outgoing::Shmesh(call, _) => {
+                let buf = encoded(message, |len| call.loan(len)).await?;
+                call.send_buf(buf).await
             }
             #[cfg(feature = "tonic")]
             Outgoing::Grpc(tx) => tx
@@ -196,13 +204,9 @@ impl<T: prost::Message + Clone> Outgoing<T> {
 }
 
 impl<T> ResponseSink<T> {
-    fn shmesh(call: AsyncServerStream) -> Self {
+    fn shmesh(call: SendHalf) -> Self {
         ResponseSink {
-            inner: Outgoing::Shmesh {
-                call,
-                buf: Vec::new(),
-                _message: PhantomData,
-            },
+            inner: Outgoing::Shmesh(call, PhantomData),
         }
     }
 
@@ -217,7 +221,8 @@ impl<T> ResponseSink<T> {
 
 impl<T: prost::Message + Clone> ResponseSink<T> {
     /// Sends one response, waiting while the client has not granted the
-    /// credit for it.
+    /// credit for it. Over shmesh it is encoded straight into shared
+    /// memory.
     pub async fn send(&mut self, message: &T) -> Result<(), Status> {
         self.inner.send(message).await
     }
@@ -227,16 +232,15 @@ impl<T: prost::Message + Clone> ResponseSink<T> {
 #[derive(Debug)]
 pub struct RequestStream<T> {
     inner: Incoming<T>,
-    peer: Option<PeerCredentials>,
-    remaining: Option<Duration>,
+    info: CallInfo,
 }
 
 /// Where requests come from.
 #[derive(Debug)]
 pub(crate) enum Incoming<T> {
-    /// A shmesh call, shared with the reply sent after the handler.
+    /// A shmesh call, each request decoded in place.
     Shmesh {
-        call: Arc<tokio::sync::Mutex<AsyncServerStream>>,
+        call: RecvHalf,
         request_type: &'static str,
         _message: PhantomData<fn() -> T>,
     },
@@ -245,23 +249,12 @@ pub(crate) enum Incoming<T> {
     Grpc(Box<tonic::Streaming<T>>),
 }
 
-impl<T: prost::Message + Default> RequestStream<T> {
-    /// Requests from tonic's stream.
-    #[cfg(feature = "tonic")]
-    pub(crate) fn grpc(stream: tonic::Streaming<T>) -> Self {
-        RequestStream {
-            inner: Incoming::Grpc(Box::new(stream)),
-            peer: None,
-            remaining: None,
-        }
-    }
-
-    /// The next request; `None` once the client has sent its last.
-    pub async fn message(&mut self) -> Result<Option<T>, Status> {
-        match &mut self.inner {
+impl<T: prost::Message + Default> Incoming<T> {
+    async fn message(&mut self) -> Result<Option<T>, Status> {
+        match self {
             Incoming::Shmesh {
                 call, request_type, ..
-            } => match call.lock().await.recv().await? {
+            } => match call.recv().await? {
                 Some(message) => decode(&message, request_type).map(Some),
                 None => Ok(None),
             },
@@ -269,106 +262,113 @@ impl<T: prost::Message + Default> RequestStream<T> {
             Incoming::Grpc(stream) => stream.message().await.map_err(crate::grpc::from_tonic),
         }
     }
+}
+
+impl<T> RequestStream<T> {
+    /// Requests of a shmesh call (of protobuf type `request_type`), which
+    /// `info` describes.
+    fn shmesh(call: RecvHalf, request_type: &'static str, info: CallInfo) -> Self {
+        RequestStream {
+            inner: Incoming::Shmesh {
+                call,
+                request_type,
+                _message: PhantomData,
+            },
+            info,
+        }
+    }
+
+    /// Requests from tonic's stream, of the call `info` describes.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(stream: tonic::Streaming<T>, info: CallInfo) -> Self {
+        RequestStream {
+            inner: Incoming::Grpc(Box::new(stream)),
+            info,
+        }
+    }
 
     /// The credentials of the calling process (`None` over gRPC).
     pub fn peer(&self) -> Option<PeerCredentials> {
-        self.peer
+        self.info.peer
     }
 
-    /// Time left before the caller's deadline (as it was when the call
-    /// reached the handler), if it set one.
+    /// The client's address over gRPC on TCP (`None` over shmesh).
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.info.remote_addr
+    }
+
+    /// Time left before the caller's deadline, if it set one.
     pub fn remaining(&self) -> Option<Duration> {
-        self.remaining
+        self.info.remaining()
+    }
+}
+
+impl<T: prost::Message + Default> RequestStream<T> {
+    /// The next request; `None` once the client has sent its last.
+    pub async fn message(&mut self) -> Result<Option<T>, Status> {
+        self.inner.message().await
     }
 }
 
 /// A bidirectional-streaming call as its handler sees it: read requests,
-/// send responses, in any order.
+/// send responses, in any order, or from two tasks at once after
+/// [`BidiStream::into_split`].
 #[derive(Debug)]
 pub struct BidiStream<Req, Resp> {
-    inner: Bidi<Req, Resp>,
-}
-
-#[derive(Debug)]
-enum Bidi<Req, Resp> {
-    Shmesh {
-        call: AsyncServerStream,
-        buf: Vec<u8>,
-        request_type: &'static str,
-        _messages: PhantomData<fn(&Resp) -> Req>,
-    },
-    #[cfg(feature = "tonic")]
-    Grpc {
-        incoming: Box<tonic::Streaming<Req>>,
-        outgoing: Outgoing<Resp>,
-    },
+    requests: RequestStream<Req>,
+    responses: ResponseSink<Resp>,
 }
 
 impl<Req, Resp> BidiStream<Req, Resp> {
     /// A call over tonic's streams.
     #[cfg(feature = "tonic")]
     pub(crate) fn grpc(
-        incoming: tonic::Streaming<Req>,
-        outgoing: tokio::sync::mpsc::Sender<Result<Resp, tonic::Status>>,
+        requests: tonic::Streaming<Req>,
+        responses: ResponseSink<Resp>,
+        info: CallInfo,
     ) -> Self {
         BidiStream {
-            inner: Bidi::Grpc {
-                incoming: Box::new(incoming),
-                outgoing: Outgoing::Grpc(outgoing),
-            },
+            requests: RequestStream::grpc(requests, info),
+            responses,
         }
+    }
+
+    /// The credentials of the calling process (`None` over gRPC).
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.requests.peer()
+    }
+
+    /// The client's address over gRPC on TCP (`None` over shmesh).
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.requests.remote_addr()
+    }
+
+    /// Time left before the caller's deadline, if it set one.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.requests.remaining()
+    }
+
+    /// Parts the call into its requests and its response sink, to read
+    /// and send from two tasks at once (say, one task answering while
+    /// another reads). The call ends when the handler's future completes,
+    /// whatever became of the parts: a part moved into a task of its own
+    /// fails once the call has ended. Dropping the sink sends nothing more;
+    /// dropping the requests leaves the client's further requests unread.
+    pub fn into_split(self) -> (RequestStream<Req>, ResponseSink<Resp>) {
+        (self.requests, self.responses)
     }
 }
 
 impl<Req: prost::Message + Default, Resp: prost::Message + Clone> BidiStream<Req, Resp> {
     /// The next request; `None` once the client has sent its last.
     pub async fn message(&mut self) -> Result<Option<Req>, Status> {
-        match &mut self.inner {
-            Bidi::Shmesh {
-                call, request_type, ..
-            } => match call.recv().await? {
-                Some(message) => decode(&message, request_type).map(Some),
-                None => Ok(None),
-            },
-            #[cfg(feature = "tonic")]
-            Bidi::Grpc { incoming, .. } => {
-                incoming.message().await.map_err(crate::grpc::from_tonic)
-            }
-        }
+        self.requests.message().await
     }
 
     /// Sends one response, waiting while the client has not granted the
-    /// credit for it.
+    /// credit for it. Over shmesh it is encoded straight into shared
+    /// memory.
     pub async fn send(&mut self, message: &Resp) -> Result<(), Status> {
-        match &mut self.inner {
-            Bidi::Shmesh { call, buf, .. } => {
-                buf.clear();
-                message
-                    .encode(buf)
-                    .map_err(|e| Status::internal(format!("cannot encode a response: {e}")))?;
-                call.send(buf).await
-            }
-            #[cfg(feature = "tonic")]
-            Bidi::Grpc { outgoing, .. } => outgoing.send(message).await,
-        }
-    }
-
-    /// The credentials of the calling process (`None` over gRPC).
-    pub fn peer(&self) -> Option<PeerCredentials> {
-        match &self.inner {
-            Bidi::Shmesh { call, .. } => Some(call.peer()),
-            #[cfg(feature = "tonic")]
-            Bidi::Grpc { .. } => None,
-        }
-    }
-
-    /// Time left before the caller's deadline, if it set one (`None` over
-    /// gRPC).
-    pub fn remaining(&self) -> Option<Duration> {
-        match &self.inner {
-            Bidi::Shmesh { call, .. } => call.remaining(),
-            #[cfg(feature = "tonic")]
-            Bidi::Grpc { .. } => None,
-        }
+        self.responses.send(message).await
     }
 }

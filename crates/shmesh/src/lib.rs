@@ -29,6 +29,10 @@
 //!   [`client::BalancedChannel`] spreads calls over a service's replicas by
 //!   their published load and fails over; [`client::ReconnectingChannel`]
 //!   outlives a lost connection.
+//! - zero copy both ways: requests written in place into a loaned
+//!   [`client::RequestBuf`], answers into a loaned [`server::Reply`] or
+//!   [`server::ReplyBuf`] (unary and async handlers, every stream message),
+//!   each read in place by the other side.
 //!
 //! # Example
 //!

@@ -1,7 +1,8 @@
 //! Counters a server keeps about its calls, as plain data: per method (calls,
-//! errors by status code, a latency histogram) and per live connection
-//! (who, calls, errors). The daemon exports them; tests and tools read a
-//! [`StatsSnapshot`].
+//! errors by status code, a latency histogram), per live connection (who,
+//! calls, errors), and how many bytes of its answers it copied into shared
+//! memory instead of having them written there in place. The daemon
+//! exports them; tests and tools read a [`StatsSnapshot`].
 //!
 //! Recording is a few relaxed atomic increments on the serving thread, made
 //! just after the call's answer is sent (off the caller's critical path); a
@@ -56,6 +57,7 @@ pub struct Stats {
     methods: Mutex<HashMap<u32, Arc<MethodCounters>>>,
     connections: Mutex<BTreeMap<u64, Arc<ConnectionCounters>>>,
     connections_total: AtomicU64,
+    copied_bytes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +123,13 @@ impl Stats {
         (in_flight, connections.len() as u64)
     }
 
+    /// Counts `bytes` of an answer copied into shared memory (rather than
+    /// written there in place).
+    pub(crate) fn record_copy(&self, bytes: usize) {
+        // Relaxed: a statistic.
+        self.copied_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     /// A consistent-enough copy of every counter.
     pub fn snapshot(&self) -> StatsSnapshot {
         // Relaxed loads throughout: statistics.
@@ -153,6 +162,7 @@ impl Stats {
             methods,
             connections,
             connections_total: self.connections_total.load(Ordering::Relaxed),
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -181,6 +191,11 @@ impl ConnectionRecorder {
     pub fn started_call(&self) {
         // Relaxed: a statistic, read by `Stats::load` only.
         self.counters.started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The server's counters this connection records into.
+    pub(crate) fn stats(&self) -> &Arc<Stats> {
+        &self.stats
     }
 
     /// A second recorder into the same connection's counters, for another
@@ -213,6 +228,14 @@ pub struct StatsSnapshot {
     pub connections: Vec<ConnectionSnapshot>,
     /// Connections accepted since the server started.
     pub connections_total: u64,
+    /// Bytes of answers (responses and stream messages) the server copied
+    /// into shared memory since it started: those handlers returned as
+    /// bytes or slices, and those too large for one slab, which travel in
+    /// chunks. Answers written in place into a loaned slab
+    /// ([`Router::route_in_place`](crate::server::Router::route_in_place),
+    /// [`ReplyBuf`](crate::server::ReplyBuf)) add nothing: a service that
+    /// answers only that way keeps this at zero.
+    pub copied_bytes: u64,
 }
 
 /// A copy of one method's counters.

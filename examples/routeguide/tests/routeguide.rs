@@ -6,9 +6,11 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmesh::server::BackgroundServer;
+use shmesh::stats::Stats;
 use shmesh_example_routeguide::routeguide::route_guide_blocking_client::RouteGuideBlockingClient;
 use shmesh_example_routeguide::routeguide::route_guide_client::RouteGuideClient;
 use shmesh_example_routeguide::routeguide::route_guide_server::RouteGuideServer;
@@ -22,12 +24,14 @@ fn address(test: &str) -> String {
     )
 }
 
-fn serve(test: &str) -> (String, BackgroundServer) {
+/// A RouteGuide server on a thread of its own, and its counters.
+fn serve(test: &str) -> (String, BackgroundServer, Arc<Stats>) {
     let address = address(test);
     let server = RouteGuideServer::new(RouteGuideService::default())
         .bind(&address)
         .unwrap();
-    (address, BackgroundServer::spawn(server).unwrap())
+    let stats = server.stats();
+    (address, BackgroundServer::spawn(server).unwrap(), stats)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -61,7 +65,7 @@ fn method_ids_follow_the_proto() {
 
 #[test]
 fn async_client_makes_all_four_kinds_of_call() {
-    let (address, _server) = serve("async");
+    let (address, _server, stats) = serve("async");
     runtime().block_on(async {
         let client = RouteGuideClient::connect(&address).await.unwrap();
 
@@ -108,11 +112,14 @@ fn async_client_makes_all_four_kinds_of_call() {
         chat.close_send().unwrap();
         assert!(chat.message().await.unwrap().is_none());
     });
+    // Every response of every kind was encoded straight into shared
+    // memory: the server copied none.
+    assert_eq!(stats.snapshot().copied_bytes, 0);
 }
 
 #[test]
 fn blocking_client_makes_all_four_kinds_of_call() {
-    let (address, _server) = serve("blocking");
+    let (address, _server, _) = serve("blocking");
     let client = RouteGuideBlockingClient::connect(&address)
         .unwrap()
         .with_timeout(Duration::from_secs(10));
@@ -153,7 +160,7 @@ fn blocking_client_makes_all_four_kinds_of_call() {
 
 #[test]
 fn an_empty_route_is_summed_up_too() {
-    let (address, _server) = serve("empty-route");
+    let (address, _server, _) = serve("empty-route");
     let client = RouteGuideBlockingClient::connect(&address).unwrap();
     let summary = client.record_route().unwrap().finish().unwrap();
     assert_eq!((summary.point_count, summary.distance), (0, 0));

@@ -15,18 +15,24 @@ use std::time::Duration;
 use shmesh_shm::descriptor::{Descriptor, Flags};
 use shmesh_shm::doorbell::{Doorbell, EventDoorbell};
 use shmesh_shm::handle::SlabHandle;
-use shmesh_shm::pool::{AllocError, Pool, PoolView, SlabMut};
+use shmesh_shm::pool::{AllocError, OwnedSlab, Pool, PoolView, Slab, SlabMut};
 use shmesh_shm::ring::{Consumer, Producer, PushError};
 use thiserror::Error;
 
-use crate::mailbox::{Mailbox, Waiter};
-use crate::protocol::{self, Assembler, RETURN};
+use crate::mailbox::{Mailbox, MailboxState, Waiter};
+use crate::protocol::{self, Assembler, MESSAGE, RETURN};
+use crate::server::loan::{Outgoing, ReplyBuf};
 use crate::socket::PeerCredentials;
-use crate::stats::ConnectionRecorder;
+use crate::stats::{ConnectionRecorder, Stats};
 use crate::status::{Code, Status};
 
 /// How long a blocked handler sleeps before re-checking liveness.
 pub(crate) const LIVENESS_SLICE: Duration = Duration::from_millis(20);
+
+/// How long a loan waiting for a slab sleeps between looks at the
+/// exhausted pool: slabs come back as the client reads, and nothing
+/// announces them.
+pub(crate) const POOL_RETRY: Duration = Duration::from_micros(50);
 
 /// The connection is gone: the client died, or broke the protocol.
 #[derive(Debug, Clone, Copy, Error)]
@@ -81,6 +87,8 @@ pub(crate) struct Link {
     /// Who the client is.
     pub peer: PeerCredentials,
     recorder: Mutex<ConnectionRecorder>,
+    /// The server's counters, for the bytes copied into slabs.
+    stats: Arc<Stats>,
 }
 
 /// The parts a [`Link`] is built from.
@@ -132,6 +140,7 @@ impl Link {
             assembly_budget: assembly_budget(p.max_message),
             calls: Mutex::new(HashMap::default()),
             peer: p.peer,
+            stats: p.recorder.stats().clone(),
             recorder: Mutex::new(p.recorder),
         }
     }
@@ -319,11 +328,27 @@ impl Link {
     /// A slab of at least `len` bytes if one is free, after taking back
     /// those the client returned; `None` while the pool stays exhausted.
     pub(crate) fn try_alloc(&self, len: usize) -> Result<Option<SlabMut<'_>>, AllocFailed> {
-        match self.pool.alloc(len) {
+        self.try_take(|| self.pool.alloc(len))
+    }
+
+    /// [`Link::try_alloc`] for a slab that keeps the pool alive (a loan
+    /// handed to a handler).
+    fn try_alloc_owned(&self, len: usize) -> Result<Option<OwnedSlab>, AllocFailed> {
+        self.try_take(|| self.pool.alloc_owned(len))
+    }
+
+    /// What `alloc` gives, or, while the pool is exhausted, what it gives
+    /// after taking back the slabs the client returned; `None` if still
+    /// nothing.
+    fn try_take<T>(
+        &self,
+        alloc: impl Fn() -> Result<T, AllocError>,
+    ) -> Result<Option<T>, AllocFailed> {
+        match alloc() {
             Ok(slab) => Ok(Some(slab)),
             Err(AllocError::Exhausted { .. }) => {
                 self.reclaim()?;
-                match self.pool.alloc(len) {
+                match alloc() {
                     Ok(slab) => Ok(Some(slab)),
                     Err(_) if self.is_dead() => Err(AllocFailed::Gone(Gone)),
                     Err(_) => Ok(None),
@@ -331,6 +356,46 @@ impl Link {
             }
             Err(e @ AllocError::TooLarge { .. }) => Err(AllocFailed::TooLarge(e)),
         }
+    }
+
+    /// A buffer of `len` bytes for an answer, if one can be had now: a slab
+    /// (`None` while the pool is exhausted), or, for more than the largest
+    /// slab, a heap buffer sent in chunks. `ResourceExhausted` above the
+    /// connection's message limit.
+    pub(crate) fn try_loan(&self, len: usize) -> Result<Option<ReplyBuf>, Status> {
+        self.check_size(len)?;
+        if len == 0 {
+            return Ok(Some(ReplyBuf::empty()));
+        }
+        if len > self.max_slab {
+            return Ok(Some(ReplyBuf::heap(vec![0; len])));
+        }
+        Ok(self
+            .try_alloc_owned(len)?
+            .map(|slab| ReplyBuf::slab(slab, len)))
+    }
+
+    /// A buffer of `len` bytes for an answer of the call whose mailbox is
+    /// `mailbox`, waiting while the pool is exhausted (until the call ends
+    /// or the connection does).
+    pub(crate) fn loan_blocking(&self, mailbox: &Mailbox, len: usize) -> Result<ReplyBuf, Status> {
+        loop {
+            if let Some(buf) = self.try_loan(len)? {
+                return Ok(buf);
+            }
+            if let Some(over) = sending_over(&mailbox.lock()) {
+                return Err(over);
+            }
+            std::thread::sleep(POOL_RETRY);
+        }
+    }
+
+    /// Copies `bytes` into `slab`, counting the copy; returns the slab with
+    /// the length used.
+    pub(crate) fn fill<'s>(&self, mut slab: SlabMut<'s>, bytes: &[u8]) -> (SlabMut<'s>, usize) {
+        slab[..bytes.len()].copy_from_slice(bytes);
+        self.stats.record_copy(bytes.len());
+        (slab, bytes.len())
     }
 
     /// Writes `bytes` into a fresh slab and returns the descriptor that
@@ -342,18 +407,10 @@ impl Link {
         bytes: &[u8],
         flags: Flags,
     ) -> Result<Descriptor, AllocFailed> {
-        let mut d = Descriptor {
-            call_id,
-            method_id: method,
-            flags,
-            ..Default::default()
-        };
+        let mut d = message(call_id, method, flags);
         if !bytes.is_empty() {
-            let mut slab = self.alloc(bytes.len())?;
-            slab[..bytes.len()].copy_from_slice(bytes);
-            d.flags = d.flags | Flags::PAYLOAD;
-            d.len = bytes.len() as u32;
-            d.payload = slab.send();
+            let (slab, len) = self.fill(self.alloc(bytes.len())?, bytes);
+            with_payload(&mut d, slab, len);
         }
         Ok(d)
     }
@@ -383,10 +440,35 @@ impl Link {
         d
     }
 
-    /// Sends `bytes` as one message of call `call_id`, in chunks if it is
-    /// larger than a slab, taking a credit from `mailbox` for each chunk
-    /// that costs one (waiting for grants). With `end`, the last chunk ends the call (a
-    /// unary response).
+    /// Pushes descriptor `d` of a call served off the connection's thread,
+    /// with `payload` (a slab and the length used) if it carries one,
+    /// unless the call has ended. Decided under the call's mailbox lock,
+    /// which ending the call takes too: no message ever follows the call's
+    /// `END`. A payload not sent goes back to the pool.
+    pub(crate) fn push_message<P: std::ops::Deref<Target = Pool>>(
+        &self,
+        mailbox: &Mailbox,
+        mut d: Descriptor,
+        payload: Option<(Slab<P>, usize)>,
+    ) -> Result<(), Status> {
+        let state = mailbox.lock();
+        if state.finished {
+            return Err(ended());
+        }
+        if let Some((slab, len)) = payload {
+            with_payload(&mut d, slab, len);
+        }
+        // Under the lock, so the end cannot overtake it; the client drains
+        // the ring whatever this call does.
+        self.push(d)?;
+        drop(state);
+        Ok(())
+    }
+
+    /// Sends `bytes` as one message of call `call_id`, copied into slabs,
+    /// in chunks if it is larger than a slab, taking a credit from
+    /// `mailbox` for each chunk that costs one (waiting for grants). With
+    /// `end`, the last chunk ends the call (a unary response).
     pub(crate) fn send_blocking(
         &self,
         mailbox: &Mailbox,
@@ -396,17 +478,52 @@ impl Link {
         end: bool,
     ) -> Result<(), Status> {
         self.check_size(bytes.len())?;
-        let last = if end { Flags::END } else { Flags(0) };
-        for (range, flags) in protocol::plan(bytes.len(), self.max_slab, Flags(0), Flags(0), last) {
+        for (range, flags) in self.plan(bytes.len(), end) {
             if protocol::costs_credit(flags) {
                 take_credit_blocking(self, mailbox)?;
             }
-            let d = self
-                .write(call_id, method, &bytes[range], flags)
-                .map_err(Status::from)?;
-            self.push(d)?;
+            let chunk = &bytes[range];
+            let payload = match chunk.len() {
+                0 => None,
+                n => Some(self.fill(self.alloc(n)?, chunk)),
+            };
+            self.push_message(mailbox, message(call_id, method, flags), payload)?;
         }
         Ok(())
+    }
+
+    /// Sends a message written in place into `buf` (see
+    /// [`Link::send_blocking`]): its slab goes as it is, after the credit
+    /// for it; a heap buffer is copied out in chunks.
+    pub(crate) fn send_buf_blocking(
+        &self,
+        mailbox: &Mailbox,
+        call_id: u64,
+        method: u32,
+        buf: ReplyBuf,
+        end: bool,
+    ) -> Result<(), Status> {
+        match buf.into_outgoing(&self.pool)? {
+            Outgoing::Copied(bytes) => self.send_blocking(mailbox, call_id, method, &bytes, end),
+            Outgoing::InPlace(payload) => {
+                let flags = in_place_flags(end);
+                if protocol::costs_credit(flags) {
+                    take_credit_blocking(self, mailbox)?;
+                }
+                self.push_message(mailbox, message(call_id, method, flags), payload)
+            }
+        }
+    }
+
+    /// The descriptors a `len`-byte answer goes out as (the last ending
+    /// the call with `end`).
+    pub(crate) fn plan(
+        &self,
+        len: usize,
+        end: bool,
+    ) -> impl Iterator<Item = (std::ops::Range<usize>, Flags)> + use<> {
+        let last = if end { Flags::END } else { Flags(0) };
+        protocol::plan(len, self.max_slab, Flags(0), Flags(0), last)
     }
 
     /// Ends a unary call served off the connection's thread: an error
@@ -527,20 +644,68 @@ impl From<AllocFailed> for Status {
     }
 }
 
+/// A descriptor of call `call_id` with `flags` and no payload yet.
+pub(crate) fn message(call_id: u64, method: u32, flags: Flags) -> Descriptor {
+    Descriptor {
+        call_id,
+        method_id: method,
+        flags,
+        ..Default::default()
+    }
+}
+
+/// Makes `d` carry the first `len` bytes of `slab`, which is the client's
+/// from now on.
+fn with_payload<P: std::ops::Deref<Target = Pool>>(d: &mut Descriptor, slab: Slab<P>, len: usize) {
+    d.flags = d.flags | Flags::PAYLOAD;
+    // A slab is at most 64 MiB: the length fits.
+    d.len = len as u32;
+    d.payload = slab.send();
+}
+
+/// The flags of a message that fits one descriptor (ending the call with
+/// `end`).
+pub(crate) fn in_place_flags(end: bool) -> Flags {
+    if end { MESSAGE | Flags::END } else { MESSAGE }
+}
+
+/// The status of a send on a call that has ended.
+pub(crate) fn ended() -> Status {
+    Status::failed_precondition("the call has ended")
+}
+
+/// Why nothing more may be sent on a call, if nothing may: the client
+/// cancelled it, or it has ended.
+pub(crate) fn sending_over(state: &MailboxState) -> Option<Status> {
+    if state.cancelled {
+        return Some(Status::cancelled("the client cancelled the call"));
+    }
+    state.finished.then(ended)
+}
+
+/// Takes one send credit of a call if it has one: `None` while it must
+/// wait for the client to grant more, an error if it never will.
+pub(crate) fn try_take_credit(link: &Link, state: &mut MailboxState) -> Option<Result<(), Status>> {
+    if let Some(over) = sending_over(state) {
+        return Some(Err(over));
+    }
+    if state.credit > 0 {
+        state.credit -= 1;
+        return Some(Ok(()));
+    }
+    if link.is_dead() {
+        return Some(Err(Gone.into()));
+    }
+    None
+}
+
 /// Takes one send credit of a call, waiting for the client to grant more.
 pub(crate) fn take_credit_blocking(link: &Link, mailbox: &Mailbox) -> Result<(), Status> {
     loop {
         {
             let mut state = mailbox.lock();
-            if state.cancelled {
-                return Err(Status::cancelled("the client cancelled the call"));
-            }
-            if state.credit > 0 {
-                state.credit -= 1;
-                return Ok(());
-            }
-            if link.is_dead() {
-                return Err(Gone.into());
+            if let Some(taken) = try_take_credit(link, &mut state) {
+                return taken;
             }
             state.wait_with(Waiter::Thread(std::thread::current()));
         }

@@ -8,8 +8,8 @@
 //!   run on the connection's thread, with no hand-off (the fast path);
 //! - [`Router::route_blocking`]: unary handlers that may block, on the
 //!   server's worker threads;
-//! - [`Router::route_async`]: async unary handlers, as tasks on a tokio
-//!   runtime;
+//! - [`Router::route_async`] and [`Router::route_async_in_place`]: async
+//!   unary handlers, as tasks on a tokio runtime;
 //! - [`Router::route_stream`] and [`Router::route_stream_async`]: server-,
 //!   client- and bidirectional streaming handlers, on the workers or as
 //!   tasks.
@@ -17,6 +17,19 @@
 //! A handler sees the request's bytes in place in shared memory, the
 //! caller's credentials, the time left before the caller's deadline and
 //! whether the caller cancelled, and returns the response or a [`Status`].
+//!
+//! # Answers without a copy
+//!
+//! Every kind of handler can write its answer in place, in a slab of the
+//! connection's pool that the client then reads: [`Reply::loan`] for
+//! [`Router::route_in_place`], [`AsyncRequest::loan`] for
+//! [`Router::route_async_in_place`], and `loan` + `send_buf` on a stream
+//! ([`ServerStream`], [`AsyncServerStream`], [`SendHalf`]), each a
+//! [`ReplyBuf`]. Loans wait while the pool is exhausted; one larger than
+//! the largest slab lives on the heap and is copied out in chunks.
+//! Answers given as bytes (`Vec<u8>`, `&[u8]`) are copied into slabs;
+//! [`StatsSnapshot::copied_bytes`](crate::stats::StatsSnapshot::copied_bytes)
+//! counts those copies.
 //! A connection whose peer breaks the protocol (a corrupt ring, a forged
 //! handle, a flow-control overrun) is closed with a logged error; the
 //! server keeps serving everyone else. A client that dies is noticed when
@@ -24,6 +37,7 @@
 
 mod dispatch;
 mod link;
+mod loan;
 mod registration;
 mod stream;
 #[cfg(feature = "tokio")]
@@ -44,10 +58,11 @@ use crate::stats::Stats;
 use crate::status::Status;
 use crate::{Address, AddressError, BindError};
 
+pub use loan::ReplyBuf;
 pub use registration::RegisterError;
 pub use stream::{Message, ServerStream};
 #[cfg(feature = "tokio")]
-pub use task::{AsyncRequest, AsyncServerStream, HandlerFuture};
+pub use task::{AsyncRequest, AsyncServerStream, HandlerFuture, RecvHalf, SendHalf};
 
 /// The runtime async handlers run on, if the server has one.
 #[cfg(feature = "tokio")]
@@ -286,7 +301,8 @@ impl Router {
     /// Serves `method` with an async handler, run as a task on the server's
     /// tokio runtime (the one current at [`Server::bind`], or one the server
     /// starts). The task is dropped at its next await if the client cancels
-    /// or the deadline passes.
+    /// or the deadline passes. The response it returns is copied into
+    /// shared memory; [`Router::route_async_in_place`] saves the copy.
     ///
     /// ```
     /// # use shmesh::server::Router;
@@ -301,7 +317,37 @@ impl Router {
         F: Fn(AsyncRequest) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<Vec<u8>, Status>> + Send + 'static,
     {
-        let boxed = move |request| -> HandlerFuture<Vec<u8>> { Box::pin(handler(request)) };
+        let boxed = move |request| -> HandlerFuture<ReplyBuf> {
+            let reply = handler(request);
+            Box::pin(async move { reply.await.map(ReplyBuf::heap) })
+        };
+        self.handlers.insert(method, Route::Async(Arc::new(boxed)));
+        self
+    }
+
+    /// Serves `method` with an async handler that writes its response in
+    /// place: it loans the response buffer with [`AsyncRequest::loan`]
+    /// (awaiting a slab while the pool is exhausted), writes it, and
+    /// returns it; the client reads those very bytes. Otherwise as
+    /// [`Router::route_async`]: a task on the server's runtime, dropped at
+    /// its next await if the client cancels or the deadline passes.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// let router = Router::new().route_async_in_place(1, |request| async move {
+    ///     let mut reply = request.loan(request.payload().len()).await?;
+    ///     reply.copy_from_slice(request.payload());
+    ///     reply.make_ascii_uppercase();
+    ///     Ok(reply)
+    /// });
+    /// ```
+    #[cfg(feature = "tokio")]
+    pub fn route_async_in_place<F, Fut>(mut self, method: u32, handler: F) -> Self
+    where
+        F: Fn(AsyncRequest) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<ReplyBuf, Status>> + Send + 'static,
+    {
+        let boxed = move |request| -> HandlerFuture<ReplyBuf> { Box::pin(handler(request)) };
         self.handlers.insert(method, Route::Async(Arc::new(boxed)));
         self
     }

@@ -9,7 +9,8 @@ use shmesh_shm::descriptor::{Descriptor, Flags};
 use crate::deadline;
 use crate::mailbox::{Mailbox, MailboxState, Waiter};
 use crate::protocol::{self, CreditCounter, MESSAGE, MORE, RETURN};
-use crate::server::link::{Assembly, Gone, LIVENESS_SLICE, Link};
+use crate::server::link::{Assembly, Gone, LIVENESS_SLICE, Link, ended};
+use crate::server::loan::ReplyBuf;
 use crate::socket::PeerCredentials;
 use crate::status::Status;
 
@@ -132,6 +133,10 @@ impl CallEnd {
                 if state.cancelled {
                     return Err(Status::cancelled("the client cancelled the call"));
                 }
+                if state.finished {
+                    // Read from a half that outlived its handler.
+                    return Err(ended());
+                }
                 if state.peer_ended {
                     if self.assembling.take().is_some() {
                         return Err(Status::internal(
@@ -220,6 +225,9 @@ impl CallDone {
             if already {
                 return;
             }
+            // Whoever still waits on the call (a half of it in another
+            // task) learns it has ended.
+            self.mailbox.wake_all(&mut state);
             (state.cancelled, std::mem::take(&mut state.inbox))
         };
         for d in unread {
@@ -313,19 +321,45 @@ impl ServerStream {
         }
     }
 
-    /// Sends one message to the client (in chunks if larger than a slab),
-    /// waiting while the client has not granted the credit for it.
+    /// Sends one message to the client, copied into shared memory (in
+    /// chunks if larger than a slab), waiting while the client has not
+    /// granted the credit for it. [`ServerStream::loan`] and
+    /// [`ServerStream::send_buf`] send without the copy.
     pub fn send(&mut self, message: &[u8]) -> Result<(), Status> {
-        if self.end.mailbox.lock().finished {
-            return Err(Status::failed_precondition("the call has ended"));
-        }
-        self.end.link.send_blocking(
-            &self.end.mailbox,
-            self.end.call_id,
-            self.end.method,
-            message,
-            false,
-        )
+        let end = &self.end;
+        end.link
+            .send_blocking(&end.mailbox, end.call_id, end.method, message, false)
+    }
+
+    /// Loans a buffer of `len` bytes in shared memory to write the next
+    /// message into, in place, then send with [`ServerStream::send_buf`];
+    /// waits while the pool is exhausted (the client still holds the
+    /// slabs of earlier messages). Any size up to the connection's message
+    /// limit (`ResourceExhausted` above): above the largest slab the buffer
+    /// is on the heap and goes in chunks (see [`ReplyBuf`]).
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// let router = Router::new().route_stream(2, |call| {
+    ///     for i in 0..3u8 {
+    ///         let mut message = call.loan(1024)?;
+    ///         message.fill(i);
+    ///         call.send_buf(message)?;
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn loan(&self, len: usize) -> Result<ReplyBuf, Status> {
+        self.end.link.loan_blocking(&self.end.mailbox, len)
+    }
+
+    /// Sends a message written in place into a buffer from
+    /// [`ServerStream::loan`]: the client reads the very bytes written,
+    /// once it has granted the credit for them (this waits for it).
+    pub fn send_buf(&mut self, message: ReplyBuf) -> Result<(), Status> {
+        let end = &self.end;
+        end.link
+            .send_buf_blocking(&end.mailbox, end.call_id, end.method, message, false)
     }
 }
 
