@@ -460,3 +460,25 @@ fn balancing_clients_spread_calls_and_fail_over_when_a_replica_dies() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn changing_a_registered_servers_limits_replaces_its_registration() {
+    use shmesh::server::{BackgroundServer, Router, Server};
+    let _serial = serial();
+    let dir = scratch("limits");
+    let daemon = Daemon::start(&dir.join("d.sock"), None);
+    let router = Router::new().route(ECHO, |request| Ok(request.payload.to_vec()));
+    let mut server = Server::register_with(&daemon.address(), "echo", SCHEMA, router).unwrap();
+    server.set_max_limits(shmesh::Limits {
+        max_message: 1 << 20,
+        ..shmesh::Limits::default()
+    });
+    let _server = BackgroundServer::spawn(server).unwrap();
+    daemon.wait_for("one replica", |r| replicas(r, "echo") == 1);
+    let channel = connect(&daemon, "echo");
+    assert_eq!(echo(&channel, b"limits").unwrap(), b"limits");
+    // The new limits were negotiated, and the old registration is gone.
+    assert_eq!(channel.limits().max_message, 1 << 20);
+    assert_eq!(replicas(&daemon.status(), "echo"), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -754,10 +754,19 @@ impl Server {
     /// The most a client may be granted (defaults to [`Limits::default`]).
     pub fn set_max_limits(&mut self, max: Limits) {
         self.policy.max = max;
-        // The daemon negotiates for a registered server: register again,
-        // with the new limits, when serving starts.
-        if let Source::Daemon { pending, .. } = &self.source {
-            crate::client::lock(pending).take();
+        // The daemon negotiates for a registered server: withdraw the
+        // registration (closing it, so the daemon forgets the old limits at
+        // once) and register again with the new ones. If that fails,
+        // `serve` keeps trying.
+        if let Source::Daemon { source, pending } = &self.source {
+            let mut pending = crate::client::lock(pending);
+            if pending.take().is_some() {
+                registration::DaemonSource::close(&source.current);
+            }
+            match source.register(&self.policy) {
+                Ok(session) => *pending = Some(session),
+                Err(e) => tracing::warn!("registering again with the new limits: {e}"),
+            }
         }
     }
 
