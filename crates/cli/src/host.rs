@@ -274,18 +274,12 @@ fn render(before: &StatusReport, now: &StatusReport, interval: Duration) -> Stri
             for m in methods {
                 let was = previous.get(&(r.id, m.method)).copied().unwrap_or(m.calls);
                 let rate = m.calls.saturating_sub(was) as f64 / interval.as_secs_f64();
-                let errors: u64 = m
-                    .by_code
-                    .iter()
-                    .filter(|(c, _)| *c != 0)
-                    .map(|(_, n)| n)
-                    .sum();
                 let mut row = first.to_vec();
                 row.extend([
                     right(m.method.to_string()),
                     right(format!("{rate:.1}")),
                     right(m.calls.to_string()),
-                    right(errors.to_string()),
+                    right(errors(m).to_string()),
                     right(quantile(&m.latency, 0.5)),
                     right(quantile(&m.latency, 0.99)),
                 ]);
@@ -312,17 +306,11 @@ fn render(before: &StatusReport, now: &StatusReport, interval: Duration) -> Stri
             .load_preset(presets::NOTHING)
             .set_header(["MEDIATED", "METHOD", "CALLS", "ERRORS", "P50", "P99"]);
         for (s, m) in mediated {
-            let errors: u64 = m
-                .by_code
-                .iter()
-                .filter(|(c, _)| *c != 0)
-                .map(|(_, n)| n)
-                .sum();
             table.add_row([
                 Cell::new(&s.name),
                 right(m.method.to_string()),
                 right(m.calls.to_string()),
-                right(errors.to_string()),
+                right(errors(m).to_string()),
                 right(quantile(&m.latency, 0.5)),
                 right(quantile(&m.latency, 0.99)),
             ]);
@@ -356,6 +344,15 @@ fn connection_row(service: &str, to: String, c: &ConnectionStatus) -> [Cell; 7] 
         Cell::new(&c.caller.app),
         right(uptime(c.age_secs)),
     ]
+}
+
+/// Calls that ended with another code than OK.
+fn errors(m: &MethodStats) -> u64 {
+    m.by_code
+        .iter()
+        .filter(|(code, _)| *code != 0)
+        .map(|(_, n)| n)
+        .sum()
 }
 
 /// The first bytes of a schema hash, enough to tell schemas apart.

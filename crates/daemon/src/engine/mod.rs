@@ -470,14 +470,20 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Removes an engine; the calls it holds go on downstream.
-    pub fn remove(&self, name: &str) -> Result<(), PipelineError> {
-        let _change = self.lock();
+    /// The current stages and where engine `name` stands in them.
+    fn find(&self, name: &str) -> Result<(Arc<Vec<Stage>>, usize), PipelineError> {
         let current = self.stages.load_full();
         let at = current
             .iter()
             .position(|s| s.name == name)
             .ok_or_else(|| PipelineError::Unknown(name.to_owned()))?;
+        Ok((current, at))
+    }
+
+    /// Removes an engine; the calls it holds go on downstream.
+    pub fn remove(&self, name: &str) -> Result<(), PipelineError> {
+        let _change = self.lock();
+        let (current, at) = self.find(name)?;
         let mut stages = (*current).clone();
         let removed = stages.remove(at);
         self.stages.store(Arc::new(stages));
@@ -490,11 +496,7 @@ impl Pipeline {
     /// one holds enter the new one.
     pub fn upgrade(&self, name: &str, spec: EngineSpec) -> Result<(), PipelineError> {
         let _change = self.lock();
-        let current = self.stages.load_full();
-        let at = current
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| PipelineError::Unknown(name.to_owned()))?;
+        let (current, at) = self.find(name)?;
         let old = &current[at];
         let state = old.engine.decompose();
         let engine = build(&spec, Some(&state)).map_err(|source| PipelineError::Build {
