@@ -161,13 +161,18 @@ pub enum PeerServer {
         /// Where to listen (`shm://…`).
         address: String,
     },
-    /// A host daemon listening in DIR and a shmesh echo registered with it.
+    /// A host daemon listening in DIR.
     ShmeshDaemon {
         /// The daemon's directory.
         dir: PathBuf,
         /// Serve the echo on the mediated path.
         #[arg(long)]
         mediated: bool,
+    },
+    /// A shmesh echo registered with the daemon at SOCKET.
+    ShmeshReplica {
+        /// The daemon's socket.
+        socket: PathBuf,
     },
     /// A tonic echo server on an ephemeral TCP port of 127.0.0.1.
     TonicTcp,
@@ -192,7 +197,10 @@ pub fn run_peer(args: &PeerArgs) -> ExitCode {
     let result: Result<()> = match &args.server {
         PeerServer::Shmesh { address } => shmesh_peer::serve(address).map_err(Into::into),
         PeerServer::ShmeshDaemon { dir, mediated } => {
-            shmesh_peer::serve_via_daemon(dir, *mediated).map_err(Into::into)
+            shmesh_peer::serve_daemon(dir, *mediated).map_err(Into::into)
+        }
+        PeerServer::ShmeshReplica { socket } => {
+            shmesh_peer::serve_replica(socket).map_err(Into::into)
         }
         PeerServer::TonicTcp => {
             tonic_peer::serve(tonic_peer::Transport::Tcp, None).map_err(Into::into)

@@ -115,15 +115,12 @@ pub fn serve(address: &str) -> Result<(), ShmeshPeerError> {
     Ok(())
 }
 
-/// Server side through the host daemon (`__bench-peer shmesh-daemon`): a
-/// daemon listening in `dir`, and the echo registered with it as a
-/// replica. Both run in this process, so the row's server CPU counts the
-/// daemon's too; calls still cross between the client's process and this
-/// one through shared memory, and on the mediated path between the
-/// daemon's threads and the replica's through a connection of their own.
-/// The mediated pipeline is what the issue measures: metrics, access
-/// control and a rate limit that never throttles.
-pub fn serve_via_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerError> {
+/// A host daemon listening in `dir` (`__bench-peer shmesh-daemon`): a
+/// process of its own, as in a deployment. On the mediated path it runs
+/// what the issue measures: metrics, access control and a rate limit that
+/// never throttles. Announces its socket, then serves until the benchmark
+/// closes our stdin.
+pub fn serve_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerError> {
     use shmesh_daemon::config::{Config, DataPath, ServiceConfig};
     let socket = dir.join("shmeshd.sock");
     let mut config = Config {
@@ -152,17 +149,41 @@ pub fn serve_via_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerErro
     }
     let daemon = shmesh_daemon::Daemon::bind(config)
         .map_err(|e| ShmeshPeerError::Unservable(format!("cannot start shmeshd: {e}")))?;
-    std::thread::Builder::new()
-        .name("shmeshd".into())
-        .spawn(move || daemon.run())
-        .map_err(ShmeshPeerError::Runtime)?;
-    let address = shmesh::Address::from_path(&socket)
+    control::announce_and_answer(&socket.display().to_string())?;
+    daemon.run();
+    Ok(())
+}
+
+/// The echo registered as a replica with the daemon at `socket`
+/// (`__bench-peer shmesh-replica`).
+pub fn serve_replica(socket: &Path) -> Result<(), ShmeshPeerError> {
+    let address = shmesh::Address::from_path(socket)
         .map_err(|e| ShmeshPeerError::Unservable(e.to_string()))?;
     let mut server = Server::register_with(&address, SERVICE, SCHEMA, echo_router())?;
     server.set_max_limits(server_limits()?);
-    control::announce_and_answer(&socket.display().to_string())?;
+    control::announce_and_answer(&address.to_string())?;
     server.serve();
     Ok(())
+}
+
+/// The processes a session's rows are served by: the server (or replica),
+/// and the daemon when there is one; the rows' server CPU is theirs
+/// together.
+pub struct Servers {
+    server: PeerProcess,
+    daemon: Option<PeerProcess>,
+}
+
+impl measure::ServerCpu for Servers {
+    fn server_cpu(&mut self) -> Result<measure::CpuTime, MeasureError> {
+        let mut cpu = self.server.cpu().map_err(MeasureError::from)?;
+        if let Some(daemon) = self.daemon.as_mut() {
+            let more = daemon.cpu().map_err(MeasureError::from)?;
+            cpu.user += more.user;
+            cpu.system += more.system;
+        }
+        Ok(cpu)
+    }
 }
 
 /// How a session's client reaches its server.
@@ -226,7 +247,7 @@ pub enum Codec {
 pub struct Session {
     // The client goes first: the server must outlive the connection.
     client: Client,
-    server: PeerProcess,
+    server: Servers,
     codec: Codec,
     /// The daemon's directory, removed at the end.
     dir: Option<std::path::PathBuf>,
@@ -252,6 +273,7 @@ impl Session {
         let mut options = ChannelOptions::new(SERVICE, SCHEMA);
         options.limits = limits(mode)?;
         let mut dir = None;
+        let mut daemon = None;
         let (server, address) = match route {
             Route::Socket => {
                 let address = format!("shm://@shmesh-bench-{}-{label}", std::process::id());
@@ -271,7 +293,10 @@ impl Session {
                 if route != Route::DaemonDirect {
                     args.push("--mediated".into());
                 }
-                let (server, socket) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
+                let (process, socket) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
+                daemon = Some(process);
+                let args = ["__bench-peer", "shmesh-replica", &socket].map(String::from);
+                let (server, _) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
                 options.daemon = Some(
                     shmesh::Address::from_path(&socket)
                         .map_err(|e| ShmeshPeerError::Unservable(e.to_string()))?,
@@ -312,7 +337,7 @@ impl Session {
         };
         Ok(Session {
             client,
-            server,
+            server: Servers { server, daemon },
             codec,
             dir,
             upgrader,
@@ -400,7 +425,10 @@ impl Session {
             tracing::info!(upgrades, "rate limiter upgraded live during the rows");
         }
         drop(client);
-        server.stop()?;
+        server.server.stop()?;
+        if let Some(daemon) = server.daemon {
+            daemon.stop()?;
+        }
         if let Some(dir) = dir {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -415,7 +443,7 @@ fn structured_rows(
     size: usize,
     inflight: usize,
     window: Window,
-    server: &mut PeerProcess,
+    server: &mut Servers,
 ) -> Result<Measured, ShmeshPeerError> {
     let len = match codec {
         Codec::Prost => structured::prost_len,
