@@ -280,12 +280,17 @@ impl Daemon {
     }
 }
 
+/// The program name of process `pid` (`/proc/PID/comm`), empty if gone.
+pub(crate) fn app_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
 /// Who is at the other end of `conn`.
 fn identify(conn: &Connection) -> std::io::Result<Caller> {
     let creds = conn.peer_credentials()?;
-    let app = std::fs::read_to_string(format!("/proc/{}/comm", creds.pid))
-        .map(|s| s.trim_end().to_owned())
-        .unwrap_or_default();
+    let app = app_name(creds.pid);
     Ok(Caller {
         pid: creds.pid,
         uid: creds.uid,

@@ -169,30 +169,35 @@ impl Forwarder {
     }
 
     /// The live channel with the fewest calls in flight, connecting to
-    /// replicas first when they changed or none is live.
+    /// replicas first when they changed or none is live: in the common case
+    /// one relaxed load and one read lock per call.
     fn pick(&self) -> Result<Channel, Status> {
         // Relaxed: a stale generation only delays a refresh by one call.
         let generation = self.generation.load(Ordering::Relaxed);
-        if self.seen.load(Ordering::Relaxed) != generation || self.no_live_channel() {
-            self.refresh(generation)?;
+        if self.seen.load(Ordering::Relaxed) == generation
+            && let Some(channel) = self.least_busy()
+        {
+            return Ok(channel);
         }
+        self.refresh(generation)?;
+        self.least_busy().ok_or_else(|| {
+            Status::unavailable(format!("no live replica of {} to forward to", self.service))
+        })
+    }
+
+    /// The live channel with the fewest calls in flight (one read lock).
+    fn least_busy(&self) -> Option<Channel> {
         read(&self.upstream)
             .iter()
             .filter(|(_, c)| !c.is_dead())
             .min_by_key(|(_, c)| c.calls_in_flight())
             .map(|(_, c)| c.clone())
-            .ok_or_else(|| {
-                Status::unavailable(format!("no live replica of {} to forward to", self.service))
-            })
-    }
-
-    fn no_live_channel(&self) -> bool {
-        read(&self.upstream).iter().all(|(_, c)| c.is_dead())
     }
 
     fn refresh(&self, generation: u64) -> Result<(), Status> {
         let _one = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
-        if self.seen.load(Ordering::Relaxed) == generation && !self.no_live_channel() {
+        // Another caller may have refreshed while this one waited.
+        if self.seen.load(Ordering::Relaxed) == generation && self.least_busy().is_some() {
             return Ok(());
         }
         let mut upstream = write(&self.upstream);

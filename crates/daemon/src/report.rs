@@ -97,9 +97,7 @@ pub(crate) fn report(state: &State) -> StatusReport {
                         pid: c.peer.pid,
                         uid: c.peer.uid,
                         gid: c.peer.gid,
-                        app: std::fs::read_to_string(format!("/proc/{}/comm", c.peer.pid))
-                            .map(|s| s.trim_end().to_owned())
-                            .unwrap_or_default(),
+                        app: crate::app_name(c.peer.pid),
                     },
                     age_secs: 0,
                 })
