@@ -85,7 +85,7 @@ struct DemoArgs {
     sizes: Vec<usize>,
     /// Wait modes to measure (comma separated).
     #[arg(long, value_delimiter = ',', default_values = ["poll", "adaptive", "block"],
-          value_parser = ["poll", "adaptive", "block"])]
+          value_parser = ["poll", "adaptive", "yield", "block"])]
     modes: Vec<String>,
     /// What to measure: RPC calls, or the bare ring echo under them.
     #[arg(long, value_enum, default_value_t = Layer::Rpc)]
@@ -161,6 +161,7 @@ fn parse_mode(name: &str) -> Result<WaitMode> {
         "poll" => WaitMode::Poll,
         "adaptive" => WaitMode::Adaptive,
         "block" => WaitMode::Block,
+        "yield" => WaitMode::Yield,
         other => bail!("unknown wait mode {other:?}"),
     })
 }
@@ -320,6 +321,7 @@ fn measure_rpc(
             WaitMode::Poll => shmesh::WaitMode::Poll,
             WaitMode::Adaptive => shmesh::WaitMode::Adaptive,
             WaitMode::Block => shmesh::WaitMode::Block,
+            WaitMode::Yield => shmesh::WaitMode::Yield,
         };
         options.limits.spin_ns = args.spin_us * 1000;
         let started = Instant::now();

@@ -48,6 +48,9 @@ fn mediated_calls_pass_the_engines_and_reach_every_replica() {
     daemon.wait_for("two replicas", |r| replicas(r, "echo") == 2);
 
     let channels: Vec<_> = (0..2).map(|_| connect(&daemon, "echo")).collect();
+    // Three processes take turns on every call: the mediated path's waits
+    // give the CPU away between checks.
+    assert_eq!(channels[0].limits().wait_mode, shmesh::WaitMode::Yield);
     for (i, channel) in channels.iter().enumerate() {
         for n in 0..50u32 {
             let body = format!("{i}:{n}");

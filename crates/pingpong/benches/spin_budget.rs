@@ -285,7 +285,7 @@ fn header() {
 
 fn print_row(r: &Row) {
     let spin = match r.cell.mode {
-        WaitMode::Adaptive => format!("{}", r.cell.spin.as_micros()),
+        WaitMode::Adaptive | WaitMode::Yield => format!("{}", r.cell.spin.as_micros()),
         _ => "-".to_owned(),
     };
     println!(

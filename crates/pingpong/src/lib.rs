@@ -379,6 +379,7 @@ pub fn mode_name(mode: WaitMode) -> &'static str {
         WaitMode::Poll => "poll",
         WaitMode::Adaptive => "adaptive",
         WaitMode::Block => "block",
+        WaitMode::Yield => "yield",
     }
 }
 

@@ -65,6 +65,7 @@ fn run_inner(args: &PeerArgs) -> Result<(), PingPongError> {
     let mode = match args.mode.as_str() {
         "poll" => WaitMode::Poll,
         "block" => WaitMode::Block,
+        "yield" => WaitMode::Yield,
         _ => WaitMode::Adaptive,
     };
     let policy = WaitPolicy {

@@ -23,9 +23,11 @@
 //! last gap: a wake-up sent between the waiter's re-check and its park makes
 //! the park return at once. `tests/loom.rs` checks exactly this race.
 //!
-//! Waiting has three [`WaitMode`]s: `Poll` spins and never parks (lowest
-//! latency, one core burnt), `Block` parks at once (least CPU), and
-//! `Adaptive` (the default) spins for a budget and then parks. On this
+//! Waiting has four [`WaitMode`]s: `Poll` spins and never parks (lowest
+//! latency, one core burnt), `Block` parks at once (least CPU),
+//! `Adaptive` (the default) spins for a budget and then parks, and `Yield`
+//! does the same but gives the CPU away between checks (for more spinning
+//! threads than cores). On this
 //! project's reference VM a futex wake-up costs about 50 µs and a cache-line
 //! round trip well under 1 µs, so a short spin catches every reply that is
 //! already on its way. See `BENCHMARKS.md` for the measured choice of
@@ -61,6 +63,13 @@ pub enum WaitMode {
     /// Spin for the policy's budget, then park. The default.
     #[default]
     Adaptive,
+    /// Like `Adaptive`, but give the CPU away between checks from the first
+    /// one. For a connection whose other side relays to a third process (the
+    /// daemon's mediated path: client, daemon and replica): when more
+    /// threads spin than there are cores, the thread with work to do may be
+    /// queued behind this waiter, and a waiter that spins first keeps it
+    /// from running for a whole spin batch.
+    Yield,
     /// Park at once. Least CPU, a kernel wake-up per message.
     Block,
 }
@@ -236,6 +245,11 @@ fn wait_until(
     };
     // Spin phase (none in `Block` mode).
     if policy.mode != WaitMode::Block {
+        let (yield_from, yield_every) = if policy.mode == WaitMode::Yield {
+            (0, 1)
+        } else {
+            (SPINS_BEFORE_YIELDING, SPINS_PER_YIELD)
+        };
         let mut turns = 0u32;
         loop {
             if ready() {
@@ -249,11 +263,11 @@ fn wait_until(
                 if deadline_from(first).is_some_and(|d| now >= d) {
                     return if ready() { Ok(()) } else { Err(WaitTimedOut) };
                 }
-                if policy.mode == WaitMode::Adaptive && now - first >= policy.spin {
+                if policy.mode != WaitMode::Poll && now - first >= policy.spin {
                     break;
                 }
             }
-            if turns >= SPINS_BEFORE_YIELDING && turns.is_multiple_of(SPINS_PER_YIELD) {
+            if turns >= yield_from && turns.is_multiple_of(yield_every) {
                 // On an oversubscribed machine the peer we wait for may be
                 // queued behind us on this very CPU: let it run.
                 std::thread::yield_now();
@@ -298,7 +312,7 @@ fn wait_until(
 fn wait_until(p: &impl Park, policy: WaitPolicy, mut ready: impl FnMut() -> bool) {
     let spins = match policy.mode {
         WaitMode::Poll => usize::MAX,
-        WaitMode::Adaptive => 2,
+        WaitMode::Adaptive | WaitMode::Yield => 2,
         WaitMode::Block => 0,
     };
     for _ in 0..spins {
@@ -606,7 +620,12 @@ mod tests {
     #[test]
     fn ready_condition_returns_at_once_in_every_mode() {
         let bell = Doorbell::new_heap();
-        for mode in [WaitMode::Poll, WaitMode::Adaptive, WaitMode::Block] {
+        for mode in [
+            WaitMode::Poll,
+            WaitMode::Adaptive,
+            WaitMode::Yield,
+            WaitMode::Block,
+        ] {
             bell.wait_until(WaitPolicy::new(mode), None, || true)
                 .unwrap();
         }
@@ -616,7 +635,12 @@ mod tests {
     fn deadline_expires_in_every_mode() {
         let bell = Doorbell::new_heap();
         let ev = EventDoorbell::new_heap().unwrap();
-        for mode in [WaitMode::Poll, WaitMode::Adaptive, WaitMode::Block] {
+        for mode in [
+            WaitMode::Poll,
+            WaitMode::Adaptive,
+            WaitMode::Yield,
+            WaitMode::Block,
+        ] {
             let deadline = Some(Instant::now() + Duration::from_millis(5));
             assert_eq!(
                 bell.wait_until(WaitPolicy::new(mode), deadline, || false),
@@ -639,7 +663,12 @@ mod tests {
         wait: fn(&B, WaitPolicy, &dyn Fn() -> bool),
         ring: fn(&B) -> bool,
     ) {
-        for mode in [WaitMode::Poll, WaitMode::Adaptive, WaitMode::Block] {
+        for mode in [
+            WaitMode::Poll,
+            WaitMode::Adaptive,
+            WaitMode::Yield,
+            WaitMode::Block,
+        ] {
             let policy = WaitPolicy::new(mode);
             let (ping, pong) = (Arc::new(mk()), Arc::new(mk()));
             let counter = Arc::new(StdAtomicU64::new(0));

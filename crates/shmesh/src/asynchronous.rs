@@ -332,7 +332,10 @@ impl AsyncChannel {
         // `None`: spin until the answer comes (Poll).
         let spin_until = match policy.mode {
             shmesh_shm::doorbell::WaitMode::Poll => None,
-            shmesh_shm::doorbell::WaitMode::Adaptive => Some(Instant::now() + policy.spin),
+            // The runtime gets the thread back between looks in both.
+            shmesh_shm::doorbell::WaitMode::Adaptive | shmesh_shm::doorbell::WaitMode::Yield => {
+                Some(Instant::now() + policy.spin)
+            }
             shmesh_shm::doorbell::WaitMode::Block => Some(Instant::now()),
         };
         loop {

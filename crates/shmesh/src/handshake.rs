@@ -46,7 +46,7 @@
 //! byte count):
 //!
 //! ```text
-//! Limits   ring_depth u32 · wait_mode u8 (0 poll, 1 adaptive, 2 block)
+//! Limits   ring_depth u32 · wait_mode u8 (0 poll, 1 adaptive, 2 block, 3 yield)
 //!          · class count u8 (≤ 16) · spin_ns u64 · max_message u64
 //!          · per class, slab sizes strictly increasing: slab_size u64 · count u32
 //! Hello    protocol_version u16 · service str8 (1..=255 bytes)
@@ -316,6 +316,10 @@ pub enum WaitMode {
     Adaptive,
     /// Park at once (code 2). Least CPU.
     Block,
+    /// Spin for `spin_ns` while giving the CPU away between checks, then
+    /// park (code 3). For connections through a relay (the daemon's mediated
+    /// path), where more threads wait than there are cores.
+    Yield,
 }
 
 impl WaitMode {
@@ -325,6 +329,7 @@ impl WaitMode {
             WaitMode::Poll => 0,
             WaitMode::Adaptive => 1,
             WaitMode::Block => 2,
+            WaitMode::Yield => 3,
         }
     }
 
@@ -334,6 +339,7 @@ impl WaitMode {
             0 => Some(WaitMode::Poll),
             1 => Some(WaitMode::Adaptive),
             2 => Some(WaitMode::Block),
+            3 => Some(WaitMode::Yield),
             _ => None,
         }
     }
@@ -343,8 +349,9 @@ impl WaitMode {
     fn cpu_rank(self) -> u8 {
         match self {
             WaitMode::Block => 0,
-            WaitMode::Adaptive => 1,
-            WaitMode::Poll => 2,
+            WaitMode::Yield => 1,
+            WaitMode::Adaptive => 2,
+            WaitMode::Poll => 3,
         }
     }
 }
@@ -442,7 +449,8 @@ pub struct Limits {
     pub pool_classes: PoolClasses,
     /// How a waiting side waits.
     pub wait_mode: WaitMode,
-    /// For [`WaitMode::Adaptive`]: nanoseconds to spin before parking.
+    /// For [`WaitMode::Adaptive`] and [`WaitMode::Yield`]: nanoseconds to
+    /// spin before parking.
     pub spin_ns: u64,
     /// Largest message payload, in bytes.
     pub max_message: u64,
@@ -1678,12 +1686,12 @@ mod tests {
     #[test]
     fn unknown_enumeration_values() {
         let mut bytes = encode(&hello().into());
-        bytes[HELLO_LIMITS + 4] = 3; // wait mode
+        bytes[HELLO_LIMITS + 4] = 4; // wait mode
         assert_eq!(
             decode(&bytes),
             Err(HandshakeError::UnknownValue {
                 what: "wait mode",
-                value: 3
+                value: 4
             })
         );
 
@@ -2055,6 +2063,10 @@ mod tests {
             (Adaptive, Poll, Adaptive),
             (Block, Poll, Block),
             (Adaptive, Block, Block),
+            (Poll, Yield, Yield),
+            (Adaptive, Yield, Yield),
+            (Yield, Adaptive, Yield),
+            (Yield, Block, Block),
         ] {
             h.requested.wait_mode = req;
             p.max.wait_mode = max;

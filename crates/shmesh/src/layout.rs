@@ -87,6 +87,7 @@ pub fn wait_policy(limits: &Limits) -> WaitPolicy {
         WaitMode::Poll => doorbell::WaitMode::Poll,
         WaitMode::Adaptive => doorbell::WaitMode::Adaptive,
         WaitMode::Block => doorbell::WaitMode::Block,
+        WaitMode::Yield => doorbell::WaitMode::Yield,
     };
     WaitPolicy {
         mode,

@@ -565,5 +565,6 @@ pub fn mode_name(mode: WaitMode) -> &'static str {
         WaitMode::Poll => "poll",
         WaitMode::Adaptive => "adaptive",
         WaitMode::Block => "block",
+        WaitMode::Yield => "yield",
     }
 }
