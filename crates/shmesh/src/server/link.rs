@@ -174,9 +174,15 @@ impl Link {
         lock(&self.broken).clone()
     }
 
-    /// The connection ended: every call in progress is cancelled (its
-    /// handler sees `is_cancelled()`), and whoever waits is woken.
+    /// The connection ended: nothing more is sent on it, and every call in
+    /// progress is cancelled (its handler sees `is_cancelled()`), and
+    /// whoever waits is woken. Marked dead first, so a handler that answers
+    /// its cancellation cannot put an `END(Cancelled)` on the ring before
+    /// the client sees the connection close: it sees `Unavailable`.
     pub(crate) fn cancel_all(&self) {
+        // Release: pairs with `is_dead`; the mailbox locks below order it
+        // before any handler's look at the cancellation too.
+        self.dead.store(true, Ordering::Release);
         for mailbox in lock(&self.calls).values() {
             mailbox.update(|s| s.cancelled = true);
         }
@@ -219,6 +225,9 @@ impl Link {
     /// Pushes `d` to the response ring and rings the client's bell, waiting
     /// while the ring is full (the client drains it).
     pub(crate) fn push(&self, d: Descriptor) -> Result<(), Gone> {
+        if self.is_dead() {
+            return Err(Gone);
+        }
         loop {
             let pushed = lock(&self.responses).try_push(d);
             match pushed {
