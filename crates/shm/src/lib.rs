@@ -10,7 +10,9 @@
 //! - [`descriptor`] and [`handle`]: the records rings carry, and their
 //!   decoders;
 //! - [`doorbell`]: spin-then-park wake-ups that make no system call while
-//!   nobody sleeps, on a futex or an eventfd.
+//!   nobody sleeps, on a futex or an eventfd;
+//! - [`load`]: sealed pages a process publishes its load and counters in,
+//!   read-only for everyone else; [`seqlock`]: the sequence lock they use.
 //!
 //! Shared memory is untrusted input. Every structure copies a shared value
 //! once into private memory, checks it, and only then uses it; everything a
@@ -30,6 +32,7 @@ pub mod pool;
 pub mod ring;
 #[cfg(not(loom))]
 pub mod segment;
+pub mod seqlock;
 mod sync;
 
 pub use descriptor::{CorruptDescriptor, Descriptor, Flags};

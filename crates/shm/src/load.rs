@@ -1,5 +1,6 @@
-//! Load pages: one process publishes how busy it is, any number of others
-//! read it, and none of them can write it.
+//! Load pages: one process publishes how busy it is (and, less often, its
+//! call counters), any number of others read it, and none of them can
+//! write it.
 //!
 //! A replica creates its page ([`LoadPage::create`]): a one-page `memfd`,
 //! mapped writable by the replica, then sealed with `F_SEAL_FUTURE_WRITE`
@@ -10,17 +11,22 @@
 //! anyone.
 //!
 //! ```text
-//! word  0  magic "SHMLOAD1"
+//! word  0  magic "SHMLOAD2"
 //!       1  sequence: bumped by every publish
 //!       2  calls in flight
 //!       3  live connections
 //!       4  CLOCK_MONOTONIC of the publish, in ns (shared by all processes)
+//!   8 ..   the report: bytes under a sequence lock (`seqlock`), up to
+//!          [`REPORT_CAPACITY`]; a replica's counters, encoded by the layer
+//!          above
 //! ```
 //!
 //! The words are read and written as 64-bit atomics (a read-only mapping
 //! only ever sees loads); a reader copies each once and trusts nothing but
 //! the magic: the numbers are hints for load balancing, never sizes or
-//! offsets.
+//! offsets. The report is copied out whole ([`LoadView::read_report`]) with
+//! its length checked against the region; its bytes are for the caller to
+//! validate.
 //!
 //! ```
 //! use shmesh_shm::load::{Load, LoadPage, LoadView};
@@ -34,6 +40,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -43,12 +50,19 @@ use rustix::fs::{
 use rustix::mm::{MapFlags, ProtFlags, mmap, munmap};
 use thiserror::Error;
 
-/// The page's size: one page.
-const PAGE_LEN: usize = 4096;
+use crate::seqlock::{self, SeqReadError, TooLarge};
+
+/// The file's (and the mapping's) size: the load words, then the report.
+const PAGE_LEN: usize = 64 << 10;
 /// Its first word.
-const MAGIC: u64 = u64::from_le_bytes(*b"SHMLOAD1");
-/// Words used.
-const WORDS: usize = 5;
+const MAGIC: u64 = u64::from_le_bytes(*b"SHMLOAD2");
+/// Words in the page.
+const WORDS: usize = PAGE_LEN / 8;
+/// The first word of the report region.
+const WORD_REPORT: usize = 8;
+
+/// The most report bytes a page holds.
+pub const REPORT_CAPACITY: usize = (WORDS - WORD_REPORT - crate::seqlock::HEADER_WORDS) * 8;
 
 const WORD_MAGIC: usize = 0;
 const WORD_SEQUENCE: usize = 1;
@@ -160,14 +174,30 @@ impl Page {
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
-        debug_assert!(i < WORDS);
-        let i = i.min(WORDS - 1);
-        // SAFETY: `i < WORDS`, so the word is inside the page; the page is
+        debug_assert!(i < WORD_REPORT);
+        let i = i.min(WORD_REPORT - 1);
+        // SAFETY: `i < WORD_REPORT < WORDS`, so the word is inside the page; the page is
         // page-aligned, so the word is 8-byte aligned; `AtomicU64` has the
         // layout of `u64` and every bit pattern is valid. The memory is only
         // ever accessed atomically, by every process that maps it; in a
         // read-only mapping only loads are issued.
         unsafe { &*self.ptr.as_ptr().add(i * 8).cast::<AtomicU64>() }
+    }
+
+    /// The report region's words.
+    fn report(&self) -> &[AtomicU64] {
+        // SAFETY: words `WORD_REPORT..WORDS` lie inside the mapping of
+        // `PAGE_LEN` bytes, which is page-aligned (so 8-byte aligned);
+        // `AtomicU64` has the layout of `u64`, every bit pattern is valid,
+        // and the memory is only ever accessed atomically by every process
+        // that maps it (loads only, through a read-only mapping). The slice
+        // borrows `self`, which keeps the mapping alive.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.ptr.as_ptr().add(WORD_REPORT * 8).cast::<AtomicU64>(),
+                WORDS - WORD_REPORT,
+            )
+        }
     }
 }
 
@@ -194,6 +224,8 @@ fn now_ns() -> u64 {
 pub struct LoadPage {
     fd: OwnedFd,
     page: Page,
+    /// One report writer at a time (the sequence lock's rule).
+    report_writer: Mutex<()>,
 }
 
 impl LoadPage {
@@ -211,7 +243,11 @@ impl LoadPage {
         // orders this store before any reader's loads.
         page.word(WORD_MAGIC).store(MAGIC, Ordering::Relaxed);
         fcntl_add_seals(&fd, reader_seals() | SealFlags::SEAL).map_err(sys("seal"))?;
-        Ok(LoadPage { fd, page })
+        Ok(LoadPage {
+            fd,
+            page,
+            report_writer: Mutex::new(()),
+        })
     }
 
     /// The fd to hand to readers.
@@ -235,6 +271,13 @@ impl LoadPage {
         self.page
             .word(WORD_SEQUENCE)
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Publishes `report` (at most [`REPORT_CAPACITY`] bytes) for readers to
+    /// copy whole; the previous one stays if it does not fit.
+    pub fn publish_report(&self, report: &[u8]) -> Result<(), TooLarge> {
+        let _one = self.report_writer.lock().unwrap_or_else(|e| e.into_inner());
+        seqlock::write(self.page.report(), report)
     }
 }
 
@@ -286,6 +329,13 @@ impl LoadView {
             age: Duration::from_nanos(now_ns().saturating_sub(published)),
         }
     }
+
+    /// A copy of the last report published (`None` before the first): at
+    /// most [`REPORT_CAPACITY`] bytes, never a mix of two reports; the
+    /// bytes are the writer's and need validating.
+    pub fn read_report(&self) -> Result<Option<Vec<u8>>, SeqReadError> {
+        seqlock::read(self.page.report())
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +363,30 @@ mod tests {
         // A writable mapping is refused by the kernel.
         let fd = page.fd().try_clone_to_owned().unwrap();
         assert!(Page::map(&fd, ProtFlags::READ | ProtFlags::WRITE).is_err());
+    }
+
+    #[test]
+    fn readers_copy_the_last_report_whole() {
+        let page = LoadPage::create().unwrap();
+        let view = LoadView::open(page.fd().try_clone_to_owned().unwrap()).unwrap();
+        assert_eq!(view.read_report(), Ok(None));
+        page.publish_report(b"first").unwrap();
+        page.publish_report(&[9; 1000]).unwrap();
+        assert_eq!(view.read_report().unwrap().unwrap(), [9; 1000]);
+        // Too large: refused, the last report stays.
+        let err = page
+            .publish_report(&vec![0; REPORT_CAPACITY + 1])
+            .unwrap_err();
+        assert_eq!(err.capacity, REPORT_CAPACITY);
+        assert_eq!(view.read_report().unwrap().unwrap(), [9; 1000]);
+        page.publish_report(&vec![1; REPORT_CAPACITY]).unwrap();
+        assert_eq!(view.read_report().unwrap().unwrap().len(), REPORT_CAPACITY);
+        // The load words are untouched by reports.
+        page.publish(Load {
+            in_flight: 1,
+            connections: 1,
+        });
+        assert_eq!(view.read().load.in_flight, 1);
     }
 
     #[test]
