@@ -1,7 +1,8 @@
 //! Fuzzes `shmesh::control`, the decoders of the messages between
 //! processes and the host daemon: what the daemon reads from any local
-//! process (`decode_to_daemon`) and what a replica reads from the daemon
-//! (`decode_from_daemon`).
+//! process (`decode_to_daemon`), what a replica reads from the daemon
+//! (`decode_from_daemon`), and the counters the daemon reads from a
+//! replica's load page (`decode_report`).
 //!
 //! Input: raw bytes, tried with and without a valid header in front.
 //!
@@ -24,6 +25,10 @@ fn check(bytes: &[u8]) {
     if let Ok(message) = control::decode_from_daemon(bytes) {
         let again = control::decode_from_daemon(&control::encode(&message));
         assert_eq!(again.as_ref(), Ok(&message));
+    }
+    if let Ok(report) = control::decode_report(bytes) {
+        let again = control::decode_report(&control::encode_report(&report));
+        assert_eq!(again.as_ref(), Ok(&report));
     }
 }
 

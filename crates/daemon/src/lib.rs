@@ -115,7 +115,6 @@ pub(crate) struct State {
     identity: Caller,
     started: Instant,
     metrics: Option<std::net::SocketAddr>,
-    scrapes: report::Scrapes,
     shutdown: AtomicBool,
 }
 
@@ -221,7 +220,6 @@ impl Daemon {
             },
             started: Instant::now(),
             metrics: metrics_server.as_ref().map(|m| m.address()),
-            scrapes: report::Scrapes::default(),
             shutdown: AtomicBool::new(false),
         });
         Ok(Daemon {

@@ -111,7 +111,6 @@ pub(crate) fn replica_session(
                     );
                 }
             }
-            Ok(ToDaemon::Stats { request, stats }) => state.scrapes.deliver(request, id, stats),
             Ok(other) => {
                 tracing::warn!(
                     service,

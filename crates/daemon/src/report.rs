@@ -1,10 +1,9 @@
 //! What the daemon knows, for `shmesh status` and `/metrics`: the registry
-//! plus fresh counters asked of every replica; and the client side of the
+//! plus the counters every replica publishes in its load page (read from
+//! shared memory, no message, no cost per call); and the client side of the
 //! queries.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmesh::Address;
@@ -16,62 +15,28 @@ use shmesh::handshake;
 use thiserror::Error;
 
 use crate::config::DataPath;
-use crate::{Link, State, handover, lock, mediator};
+use shmesh_shm::load::LoadView;
 
-/// How long a status query or a scrape waits for the replicas' counters.
-const SCRAPE_TIMEOUT: Duration = Duration::from_millis(500);
+use crate::{State, handover, lock, mediator};
 
-/// Counter requests in flight to replicas, and their answers.
-#[derive(Default)]
-pub(crate) struct Scrapes {
-    next: AtomicU64,
-    answers: Mutex<HashMap<u64, HashMap<u64, ReplicaStats>>>,
-    arrived: Condvar,
+/// A replica's counters, as it last published them in its load page
+/// (refreshed every 10 ms while they change). `None`, logged, when the page
+/// holds nothing readable: the replica's to write, so never trusted.
+fn published_counters(replica: u64, load: Option<&LoadView>) -> Option<ReplicaStats> {
+    let bytes: Vec<u8> = match load?.read_report() {
+        Ok(bytes) => bytes?,
+        Err(e) => {
+            tracing::warn!(replica, "cannot read the replica's counters: {e}");
+            return None;
+        }
+    };
+    control::decode_report(&bytes)
+        .inspect_err(|e| tracing::warn!(replica, "the replica's counters are unreadable: {e}"))
+        .ok()
 }
 
-impl Scrapes {
-    pub(crate) fn deliver(&self, request: u64, replica: u64, stats: ReplicaStats) {
-        if let Some(answers) = lock(&self.answers).get_mut(&request) {
-            answers.insert(replica, stats);
-            self.arrived.notify_all();
-        }
-    }
-
-    /// Asks every replica for its counters; waits up to [`SCRAPE_TIMEOUT`].
-    fn collect(&self, links: Vec<(u64, Link)>) -> HashMap<u64, ReplicaStats> {
-        let request = self.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.answers).insert(request, HashMap::new());
-        let ask = control::encode(&FromDaemon::StatsRequest { request });
-        let mut asked = 0;
-        for (_, link) in &links {
-            if lock(link).send_msg(&ask, &[]).is_ok() {
-                asked += 1;
-            }
-        }
-        let deadline = Instant::now() + SCRAPE_TIMEOUT;
-        let mut answers = lock(&self.answers);
-        loop {
-            let have = answers.get(&request).map_or(0, HashMap::len);
-            let now = Instant::now();
-            if have >= asked || now >= deadline {
-                break;
-            }
-            answers = self
-                .arrived
-                .wait_timeout(answers, deadline - now)
-                .map_or_else(|e| e.into_inner().0, |(guard, _)| guard);
-        }
-        answers.remove(&request).unwrap_or_default()
-    }
-}
-
-/// Everything the daemon knows, with fresh counters from the replicas.
+/// Everything the daemon knows, with the counters the replicas publish.
 pub(crate) fn report(state: &State) -> StatusReport {
-    let links: Vec<(u64, Link)> = lock(&state.registry)
-        .links()
-        .map(|(id, link)| (id, link.clone()))
-        .collect();
-    let mut stats = state.scrapes.collect(links);
     let mediators: Vec<((String, handshake::SchemaHash), Arc<mediator::Mediator>)> =
         lock(&state.mediators)
             .iter()
@@ -131,7 +96,7 @@ pub(crate) fn report(state: &State) -> StatusReport {
                             age_secs: now.duration_since(grant.since).as_secs(),
                         })
                         .collect(),
-                    stats: stats.remove(&r.id),
+                    stats: published_counters(r.id, r.load.as_deref()),
                 })
                 .collect(),
         })

@@ -63,7 +63,9 @@ fn mediated_calls_pass_the_engines_and_reach_every_replica() {
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied}");
     assert!(denied.message().contains("rule 1"), "{denied}");
 
-    let report = daemon.status();
+    let report = daemon.wait_for("100 calls counted by the replicas", |r| {
+        answered(r, "echo") == 100
+    });
     let echo_status = report.services.iter().find(|s| s.name == "echo").unwrap();
     assert_eq!(echo_status.path, "mediated");
     assert_eq!(echo_status.mediated_clients.len(), 2, "{report:#?}");

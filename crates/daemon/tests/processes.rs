@@ -50,8 +50,10 @@ fn brokered_connections_spread_over_replicas_and_show_in_status_and_metrics() {
             assert_eq!(echo(channel, body.as_bytes()).unwrap(), body.as_bytes());
         }
     }
-    let report = daemon.wait_for("four connections", |r| {
-        connections(r, "echo").iter().sum::<usize>() == 4
+    // The replicas' counters come from their load pages, read by the
+    // daemon from shared memory: published within a tick.
+    let report = daemon.wait_for("four connections and 400 calls counted", |r| {
+        connections(r, "echo").iter().sum::<usize>() == 4 && answered(r, "echo") == 400
     });
     // The least-loaded replica gets each new connection.
     assert_eq!(connections(&report, "echo"), vec![2, 2], "{report:#?}");
@@ -302,9 +304,8 @@ fn nothing_a_process_sends_stops_the_daemon() {
             policy: vec![0xAA; 300],
         })),
         control::encode(&ToDaemon::Closed { connection: 42 }),
-        control::encode(&ToDaemon::Stats {
-            request: 7,
-            stats: Default::default(),
+        control::encode(&ToDaemon::Resolve {
+            service: "x".repeat(100_000),
         }),
     ];
     for message in &hostile {
@@ -343,6 +344,27 @@ fn nothing_a_process_sends_stops_the_daemon() {
             control::decode_from_daemon(&answer),
             Ok(control::FromDaemon::Registered { .. })
         ));
+        // Its counters, read from its page, are garbage: status and
+        // metrics go on without them.
+        page.publish_report(&[0xff; 300]).unwrap();
+        let report = daemon.wait_for("the evil replica", |r| replicas(r, "evil") == 1);
+        let evil = report.services.iter().find(|s| s.name == "evil").unwrap();
+        assert!(evil.replicas[0].stats.is_none(), "{evil:#?}");
+        let forged = control::encode_report(&control::ReplicaStats {
+            methods: vec![control::MethodStats {
+                method: 1,
+                calls: 1,
+                by_code: vec![(200, 1)],
+                latency: vec![1; 1000],
+            }],
+            connections_total: 1,
+        });
+        page.publish_report(&forged).unwrap();
+        let report = daemon.status();
+        let evil = report.services.iter().find(|s| s.name == "evil").unwrap();
+        assert!(evil.replicas[0].stats.is_none(), "{evil:#?}");
+        let text = daemon.metrics_text();
+        assert!(text.contains(" 200 "), "{text}");
         conn.send_msg(&[0xde, 0xad, 0xbe, 0xef], &[]).unwrap();
         let _ = conn.recv_msg(0);
     }
@@ -424,7 +446,7 @@ fn balancing_clients_spread_calls_and_fail_over_when_a_replica_dies() {
         assert_eq!(&channel.call(ECHO, &body, timeout).unwrap()[..], body);
     }
     // Every replica answered some of them.
-    let report = daemon.status();
+    let report = daemon.wait_for("300 calls counted", |r| answered(r, "echo") == 300);
     let per_replica: Vec<u64> = report.services[0]
         .replicas
         .iter()

@@ -17,7 +17,7 @@
 //!   │    (liveness, segment, bell)        │   (segment, bell, liveness)       │
 //!   │═══════════ calls over shared memory, liveness over the socket pair ════│
 //!   │── Closed(connection) ──────────────▶│                                   │
-//!   │◀─ StatsRequest / ── Stats ─────────▶│  (metrics, `shmesh status`)       │
+//!   │══ counters in its load page ═══════▶│  (metrics, `shmesh status`)       │
 //! ```
 //!
 //! A replica's registration connection stays open for the replica's life:
@@ -54,7 +54,7 @@ use thiserror::Error;
 pub const MAGIC: [u8; 4] = *b"SHMC";
 
 /// The version of this control protocol.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Bytes before the message: magic and version.
 const HEADER_LEN: usize = 6;
@@ -70,13 +70,6 @@ pub enum ToDaemon {
     Closed {
         /// The connection's id, from its Welcome.
         connection: u64,
-    },
-    /// The answer to [`FromDaemon::StatsRequest`].
-    Stats {
-        /// The request's number.
-        request: u64,
-        /// The replica's counters.
-        stats: ReplicaStats,
     },
     /// The first and only message of a status query: answered by
     /// [`FromDaemon::Status`], then the daemon closes the connection.
@@ -184,11 +177,6 @@ pub enum FromDaemon {
     Revoke {
         /// The connection's id.
         connection: u64,
-    },
-    /// Send your counters ([`ToDaemon::Stats`]).
-    StatsRequest {
-        /// A number to echo in the answer.
-        request: u64,
     },
     /// The answer to [`ToDaemon::Status`].
     Status(StatusReport),
@@ -407,6 +395,42 @@ pub fn decode_from_daemon(bytes: &[u8]) -> Result<FromDaemon, ControlError> {
     decode(bytes)
 }
 
+/// Encodes a replica's counters for its load page's report
+/// (`shmesh_shm::load::LoadPage::publish_report`): the same framing as a
+/// message.
+pub fn encode_report(stats: &ReplicaStats) -> Vec<u8> {
+    encode(stats)
+}
+
+/// Decodes the counters a replica published in its load page, and checks
+/// they could be ours: at most [`crate::stats::LATENCY_BUCKETS`] latency
+/// buckets and known status codes. The page is the replica's to write:
+/// anything else is refused, never rendered.
+pub fn decode_report(bytes: &[u8]) -> Result<ReplicaStats, ControlError> {
+    let stats: ReplicaStats = decode(bytes)?;
+    for m in &stats.methods {
+        if m.latency.len() > crate::stats::LATENCY_BUCKETS {
+            return Err(ControlError::Malformed(format!(
+                "method {}: {} latency buckets, at most {}",
+                m.method,
+                m.latency.len(),
+                crate::stats::LATENCY_BUCKETS
+            )));
+        }
+        if let Some((code, _)) = m
+            .by_code
+            .iter()
+            .find(|(c, _)| crate::status::Code::from_u32(u32::from(*c)).is_none())
+        {
+            return Err(ControlError::Malformed(format!(
+                "method {}: unknown status code {code}",
+                m.method
+            )));
+        }
+    }
+    Ok(stats)
+}
+
 impl From<&crate::stats::StatsSnapshot> for ReplicaStats {
     fn from(s: &crate::stats::StatsSnapshot) -> Self {
         ReplicaStats {
@@ -430,6 +454,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reports_round_trip_and_foreign_ones_are_refused() {
+        let mut stats = ReplicaStats {
+            methods: vec![MethodStats {
+                method: 1,
+                calls: 2,
+                by_code: vec![(0, 2)],
+                latency: vec![0; crate::stats::LATENCY_BUCKETS],
+            }],
+            connections_total: 3,
+        };
+        assert_eq!(decode_report(&encode_report(&stats)).unwrap(), stats);
+        stats.methods[0].by_code.push((17, 1));
+        assert!(decode_report(&encode_report(&stats)).is_err());
+        stats.methods[0].by_code.pop();
+        stats.methods[0].latency.push(1);
+        assert!(decode_report(&encode_report(&stats)).is_err());
+        assert!(decode_report(b"SHMC").is_err());
+    }
+
+    #[test]
     fn every_message_round_trips() {
         let caller = Caller {
             pid: 1,
@@ -443,18 +487,6 @@ mod tests {
                 policy: vec![1, 2, 3],
             }),
             ToDaemon::Closed { connection: 9 },
-            ToDaemon::Stats {
-                request: 4,
-                stats: ReplicaStats {
-                    methods: vec![MethodStats {
-                        method: 1,
-                        calls: 2,
-                        by_code: vec![(0, 2)],
-                        latency: vec![0; 40],
-                    }],
-                    connections_total: 3,
-                },
-            },
             ToDaemon::Status,
             ToDaemon::Policy(PolicyRequest::Upgrade {
                 name: "limit".into(),
@@ -478,7 +510,6 @@ mod tests {
                 caller: caller.clone(),
             }),
             FromDaemon::Revoke { connection: 2 },
-            FromDaemon::StatsRequest { request: 5 },
             FromDaemon::Policy(PolicyAnswer {
                 error: Some("no".into()),
                 engines: vec![EngineStatus {

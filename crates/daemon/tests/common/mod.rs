@@ -157,6 +157,20 @@ pub fn replicas(report: &StatusReport, service: &str) -> usize {
         .map_or(0, |s| s.replicas.len())
 }
 
+/// Calls the replicas of `service` say they answered, as they last
+/// published it in their load pages (every 10 ms while it changes).
+pub fn answered(report: &StatusReport, service: &str) -> u64 {
+    report
+        .services
+        .iter()
+        .filter(|s| s.name == service)
+        .flat_map(|s| &s.replicas)
+        .filter_map(|r| r.stats.as_ref())
+        .flat_map(|s| &s.methods)
+        .map(|m| m.calls)
+        .sum()
+}
+
 pub fn connections(report: &StatusReport, service: &str) -> Vec<usize> {
     report
         .services

@@ -855,7 +855,8 @@ impl Server {
     ) -> Vec<std::thread::JoinHandle<()>> {
         const RETRY_FIRST: Duration = Duration::from_millis(50);
         const RETRY_MAX: Duration = Duration::from_secs(2);
-        /// How often the load page is refreshed.
+        /// How often the load page is refreshed (and its counters, when
+        /// they changed).
         const PUBLISH_EVERY: Duration = Duration::from_millis(10);
         let mut connections = Vec::new();
         {
@@ -867,12 +868,32 @@ impl Server {
             let publisher = std::thread::Builder::new()
                 .name("shmesh-load".into())
                 .spawn(move || {
+                    // The daemon reads the counters from the page for
+                    // `/metrics` and `shmesh status`: no message, no cost
+                    // per call (they are recorded in process memory, and
+                    // copied here at most every tick).
+                    let mut published = Vec::new();
+                    let mut too_large_logged = false;
                     while !shutdown.load(Ordering::Acquire) {
                         let (in_flight, connections) = stats.load();
                         page.publish(shmesh_shm::load::Load {
                             in_flight,
                             connections,
                         });
+                        let report =
+                            crate::control::encode_report(&crate::control::ReplicaStats::from(&stats.snapshot()));
+                        if report != published {
+                            match page.publish_report(&report) {
+                                Ok(()) => published = report,
+                                Err(e) if !too_large_logged => {
+                                    too_large_logged = true;
+                                    tracing::warn!(
+                                        "this replica's counters no longer fit its load page ({e}); the daemon sees the last that did"
+                                    );
+                                }
+                                Err(_) => {}
+                            }
+                        }
                         std::thread::sleep(PUBLISH_EVERY);
                     }
                 });
@@ -963,16 +984,6 @@ impl Server {
                 Ok(FromDaemon::Revoke { connection }) => {
                     if source.revoke(connection) {
                         tracing::info!(connection, "the host daemon revoked a connection");
-                    }
-                }
-                Ok(FromDaemon::StatsRequest { request }) => {
-                    let stats = control::ReplicaStats::from(&self.stats.snapshot());
-                    let answer = control::encode(&ToDaemon::Stats { request, stats });
-                    if crate::client::lock(&session.send)
-                        .send_msg(&answer, &[])
-                        .is_err()
-                    {
-                        return;
                     }
                 }
                 Ok(other) => {

@@ -239,7 +239,6 @@ pub(crate) fn kind(m: &FromDaemon) -> &'static str {
         FromDaemon::Refused { .. } => "Refused",
         FromDaemon::Adopt(_) => "Adopt",
         FromDaemon::Revoke { .. } => "Revoke",
-        FromDaemon::StatsRequest { .. } => "StatsRequest",
         FromDaemon::Status(_) => "Status",
         FromDaemon::Policy(_) => "Policy",
         FromDaemon::Replicas(_) => "Replicas",
