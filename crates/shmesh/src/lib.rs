@@ -83,6 +83,7 @@ pub mod endpoint;
 pub mod handshake;
 pub mod layout;
 mod mailbox;
+pub mod metadata;
 pub mod protocol;
 pub mod server;
 pub mod socket;
@@ -90,6 +91,7 @@ pub mod stats;
 pub mod status;
 
 pub use addr::{Address, AddressError};
+pub use metadata::{Metadata, MetadataError};
 pub use handshake::{
     FdRole, FdRoles, HandshakeError, Hello, Limits, Msg, PROTOCOL_VERSION, PoolClass, PoolClasses,
     Refuse, RefuseReason, SchemaHash, ServerPolicy, ServiceName, WaitMode, Welcome, negotiate,
