@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
+use shmesh::Metadata;
 use shmesh::control::Caller;
 use shmesh::status::{Code, Status};
 use thiserror::Error;
@@ -56,7 +57,12 @@ pub struct CallInfo<'a> {
     pub size: usize,
     /// When the caller gives up, if it set a deadline.
     pub deadline: Option<Instant>,
-    /// Notes engines attach for the engines after them (and the log).
+    /// The metadata the caller sent with the call (empty if none).
+    pub metadata: &'a Metadata,
+    /// Notes engines attach for the engines after them and for the
+    /// replica: the call is forwarded with the caller's metadata and these
+    /// (a note replaces the caller's value of the same key; one whose key
+    /// or value is not valid metadata is not forwarded).
     pub annotations: Vec<(String, String)>,
 }
 
