@@ -22,11 +22,11 @@ use shmesh_shm::doorbell::EventDoorbell;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::client::call::fill_chunk;
 use crate::client::{
     Answer, Call, CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE,
     RequestBody, RequestBuf, Response, lock, take_if_done,
 };
-use crate::client::call::fill_chunk;
 use crate::mailbox::{Mailbox, MailboxState, Waiter};
 use crate::metadata::Metadata;
 use crate::status::Status;

@@ -91,11 +91,11 @@ pub mod stats;
 pub mod status;
 
 pub use addr::{Address, AddressError};
-pub use metadata::{Metadata, MetadataError};
 pub use handshake::{
     FdRole, FdRoles, HandshakeError, Hello, Limits, Msg, PROTOCOL_VERSION, PoolClass, PoolClasses,
     Refuse, RefuseReason, SchemaHash, ServerPolicy, ServiceName, WaitMode, Welcome, negotiate,
 };
+pub use metadata::{Metadata, MetadataError};
 pub use socket::{
     Accepted, BindError, ConnectError, Connection, Listener, NotShmesh, PeerCredentials,
     ProtocolViolation, RecvError, SendError, ServerHandshakeError, client_handshake, connect,

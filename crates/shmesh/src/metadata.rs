@@ -84,7 +84,9 @@ pub enum MetadataError {
         len: usize,
     },
     /// A key holds a byte other than `a-z`, `0-9`, `.`, `_`, `-`.
-    #[error("metadata key holds byte {byte:#04x} at {at}; keys are lowercase a-z, 0-9, '.', '_', '-'")]
+    #[error(
+        "metadata key holds byte {byte:#04x} at {at}; keys are lowercase a-z, 0-9, '.', '_', '-'"
+    )]
     KeyByte {
         /// The byte.
         byte: u8,
@@ -208,9 +210,7 @@ fn entry_at(bytes: &[u8], at: usize, entry: usize) -> Result<Span, MetadataError
     if key.end > bytes.len() {
         return Err(cut("key"));
     }
-    let len = bytes
-        .get(key.end..key.end + 2)
-        .ok_or(cut("value length"))?;
+    let len = bytes.get(key.end..key.end + 2).ok_or(cut("value length"))?;
     let value_len = usize::from(u16::from_le_bytes([len[0], len[1]]));
     let value = key.end + 2..key.end + 2 + value_len;
     if value.end > bytes.len() {
@@ -268,7 +268,9 @@ impl Metadata {
         encoded.extend_from_slice(key.as_bytes());
         encoded.extend_from_slice(&(value.len() as u16).to_le_bytes());
         encoded.extend_from_slice(value.as_bytes());
-        let existing = self.spans().find(|s| &self.entries[s.key.clone()] == key.as_bytes());
+        let existing = self
+            .spans()
+            .find(|s| &self.entries[s.key.clone()] == key.as_bytes());
         let (replaced, count) = match &existing {
             Some(s) => (s.start..s.value.end, self.count),
             None => (self.entries.len()..self.entries.len(), self.count + 1),
@@ -287,7 +289,10 @@ impl Metadata {
 
     /// Removes `key`; whether it was there.
     pub fn remove(&mut self, key: &str) -> bool {
-        let Some(s) = self.spans().find(|s| &self.entries[s.key.clone()] == key.as_bytes()) else {
+        let Some(s) = self
+            .spans()
+            .find(|s| &self.entries[s.key.clone()] == key.as_bytes())
+        else {
             return false;
         };
         self.entries.drain(s.start..s.value.end);
@@ -362,7 +367,10 @@ impl Metadata {
             // Checked: ASCII.
             let key_text = std::str::from_utf8(key).unwrap_or_default();
             check_value(key_text, &entries[span.value.clone()])?;
-            let mut earlier = EntrySpans { bytes: entries, at: 0 };
+            let mut earlier = EntrySpans {
+                bytes: entries,
+                at: 0,
+            };
             if earlier.any(|s| s.start < span.start && &entries[s.key] == key) {
                 return Err(MetadataError::DuplicateKey(key_text.to_owned()));
             }
@@ -496,7 +504,10 @@ mod tests {
         for i in 0..MAX_ENTRIES {
             m.insert(&format!("k{i}"), "v").unwrap();
         }
-        assert_eq!(m.insert("one-more", "v"), Err(MetadataError::TooManyEntries));
+        assert_eq!(
+            m.insert("one-more", "v"),
+            Err(MetadataError::TooManyEntries)
+        );
         // Replacing is still fine when full.
         m.insert("k0", "w").unwrap();
         let mut big = Metadata::new();

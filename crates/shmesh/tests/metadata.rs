@@ -124,7 +124,11 @@ fn unary_calls_carry_metadata_to_every_kind_of_handler() {
     // Nothing leaked: every request slab came back.
     let give_up = Instant::now() + Duration::from_secs(5);
     while channel.pool_in_use() != 0 {
-        assert!(Instant::now() < give_up, "{} slabs held", channel.pool_in_use());
+        assert!(
+            Instant::now() < give_up,
+            "{} slabs held",
+            channel.pool_in_use()
+        );
         channel.call(INLINE, b"", None).unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -391,7 +395,10 @@ fn broken_blocks_fail_their_call_and_the_connection_goes_on() {
     );
     id += 1;
     raw.open(id, INLINE, unary, Some(b"plain"));
-    assert_eq!(text(&raw.end(id).0.unwrap()), seen(&Metadata::new(), b"plain"));
+    assert_eq!(
+        text(&raw.end(id).0.unwrap()),
+        seen(&Metadata::new(), b"plain")
+    );
     id += 1;
     // The flag means nothing off the opening descriptor: a bare opening
     // with the block alone (given back), on a unary method, runs with an

@@ -42,9 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::common::v1::{
-    AnyValue, InstrumentationScope, KeyValue, any_value,
-};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, span, status};
 use serde::{Deserialize, Serialize};
@@ -260,7 +258,9 @@ impl TracingEngine {
             return Err(BuildError::Config("tracing: service_name is empty".into()));
         }
         if config.max_queue == 0 {
-            return Err(BuildError::Config("tracing: max_queue must be above 0".into()));
+            return Err(BuildError::Config(
+                "tracing: max_queue must be above 0".into(),
+            ));
         }
         let restored: TracingState = match state {
             Some(data) => decode_state("tracing", data)?,
@@ -362,7 +362,8 @@ impl Engine for TracingEngine {
             parent_id: random_id(),
             flags: u8::from(sampled),
         };
-        call.annotations.push((TRACEPARENT.to_owned(), hop.to_string()));
+        call.annotations
+            .push((TRACEPARENT.to_owned(), hop.to_string()));
         Ok(Admit::Pass)
     }
 
@@ -749,7 +750,11 @@ mod tests {
             },
         );
         assert_eq!(engine.counters.spans.load(Ordering::Relaxed), 1);
-        assert!(engine.describe().contains("1 spans"), "{}", engine.describe());
+        assert!(
+            engine.describe().contains("1 spans"),
+            "{}",
+            engine.describe()
+        );
     }
 
     #[test]

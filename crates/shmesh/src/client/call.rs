@@ -29,7 +29,12 @@ pub(crate) fn deliver(mailbox: &Mailbox, d: Descriptor) {
 
 /// Writes `range` of the metadata block and the message, end to end, into
 /// `out` (exactly `range.len()` bytes).
-pub(crate) fn fill_chunk(out: &mut [u8], block: &[u8], message: &[u8], range: std::ops::Range<usize>) {
+pub(crate) fn fill_chunk(
+    out: &mut [u8],
+    block: &[u8],
+    message: &[u8],
+    range: std::ops::Range<usize>,
+) {
     let head = block.len();
     let in_block = range.start.min(head)..range.end.min(head);
     let from_block = in_block.len();
@@ -392,8 +397,7 @@ impl Call {
             }
             return Ok(());
         }
-        if !self.opened && !self.block.is_empty() && matches!(message.body, RequestBody::Slab(_))
-        {
+        if !self.opened && !self.block.is_empty() && matches!(message.body, RequestBody::Slab(_)) {
             self.check_open_for_sending()?;
             self.open_now()?;
         }
