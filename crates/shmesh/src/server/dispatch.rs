@@ -240,6 +240,14 @@ impl Payload {
     }
 }
 
+/// A whole unary request, handed to a task.
+#[cfg(feature = "tokio")]
+pub(crate) struct UnaryRequest {
+    pub first: Descriptor,
+    pub payload: Payload,
+    pub metadata: Metadata,
+}
+
 /// What a unary handler answered.
 pub(crate) enum Answer<'p> {
     Bytes(Vec<u8>),
@@ -584,9 +592,11 @@ impl Dispatcher {
                     handler.clone(),
                     self.link.clone(),
                     mailbox,
-                    first,
-                    payload,
-                    metadata,
+                    crate::server::dispatch::UnaryRequest {
+                        first,
+                        payload,
+                        metadata,
+                    },
                     started,
                 );
                 Ok(())

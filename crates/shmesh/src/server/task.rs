@@ -27,7 +27,7 @@ use crate::deadline;
 use crate::mailbox::{Mailbox, Waiter};
 use crate::metadata::Metadata;
 use crate::protocol;
-use crate::server::dispatch::Payload;
+use crate::server::dispatch::{Payload, UnaryRequest};
 use crate::server::link::{
     AllocFailed, Link, POOL_RETRY, in_place_flags, message, sending_over, try_take_credit,
 };
@@ -460,11 +460,14 @@ pub(crate) fn spawn_unary(
     handler: Arc<AsyncHandler>,
     link: Arc<Link>,
     mailbox: Arc<Mailbox>,
-    first: Descriptor,
-    payload: Payload,
-    metadata: Metadata,
+    request: UnaryRequest,
     started: std::time::Instant,
 ) {
+    let UnaryRequest {
+        first,
+        payload,
+        metadata,
+    } = request;
     let done = CallDone {
         link: link.clone(),
         mailbox: mailbox.clone(),
