@@ -521,6 +521,53 @@ mod tests {
         assert_eq!(big.len(), 3);
     }
 
+    /// The fuzz target's properties (`fuzz/fuzz_targets/metadata.rs`), on
+    /// random bytes and on valid blocks with bytes flipped.
+    fn check_decoded(bytes: &[u8]) {
+        let Ok((metadata, used)) = Metadata::decode(bytes) else {
+            return;
+        };
+        assert!(used >= 2 && used <= bytes.len() && used <= MAX_BLOCK_LEN);
+        assert!(metadata.len() <= MAX_ENTRIES);
+        assert_eq!(metadata.iter().count(), metadata.len());
+        if metadata.is_empty() {
+            assert_eq!(&bytes[..used], &[0, 0]);
+        } else {
+            assert_eq!(encode(&metadata), &bytes[..used]);
+        }
+        let mut rebuilt = Metadata::new();
+        for (key, value) in &metadata {
+            rebuilt.insert(key, value).unwrap();
+        }
+        assert_eq!(rebuilt, metadata);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            check_decoded(&bytes);
+        }
+
+        #[test]
+        fn damaged_blocks_decode_or_fail_cleanly(
+            entries in proptest::collection::vec(("[a-z0-9._-]{1,8}", "[ -~]{0,12}"), 0..6),
+            flips in proptest::collection::vec((0usize..200, proptest::num::u8::ANY), 0..4),
+        ) {
+            let mut m = Metadata::new();
+            for (k, v) in &entries {
+                m.insert(k, v).unwrap();
+            }
+            let mut bytes = encode(&m);
+            check_decoded(&bytes);
+            for (at, byte) in flips {
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = byte;
+                }
+                check_decoded(&bytes);
+            }
+        }
+    }
+
     #[test]
     fn decode_refuses_every_broken_rule() {
         let block = |entries: &[u8]| {
