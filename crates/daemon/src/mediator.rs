@@ -14,11 +14,13 @@
 //! it brokers to itself like any other. Unary calls only: a stream opened
 //! on a mediated service is answered `Unimplemented`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use shmesh::Metadata;
 use shmesh::client::Channel;
 use shmesh::control::Caller;
 use shmesh::handshake::SchemaHash;
@@ -107,6 +109,21 @@ impl Mediator {
     }
 }
 
+/// The metadata a call goes upstream with: the caller's, with the
+/// engines' annotations set over it (no copy when there are none).
+fn forwarded<'a>(call: &CallInfo<'a>) -> Cow<'a, Metadata> {
+    if call.annotations.is_empty() {
+        return Cow::Borrowed(call.metadata);
+    }
+    let mut metadata = call.metadata.clone();
+    for (key, value) in &call.annotations {
+        if let Err(e) = metadata.insert(key, value) {
+            tracing::debug!(key, "an engine's annotation is not forwarded: {e}");
+        }
+    }
+    Cow::Owned(metadata)
+}
+
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -135,6 +152,7 @@ impl Forwarder {
             method: request.method,
             size: request.payload.len(),
             deadline: request.remaining.map(|r| now + r),
+            metadata: request.metadata(),
             annotations: Vec::new(),
         };
         let admitted = self.pipeline.admit(&mut call)?;
@@ -165,7 +183,7 @@ impl Forwarder {
             None => DEFAULT_FORWARD_TIMEOUT,
         };
         let channel = self.pick()?;
-        channel.call(call.method, payload, Some(timeout))
+        channel.call_with(call.method, payload, &forwarded(call), Some(timeout))
     }
 
     /// The live channel with the fewest calls in flight, connecting to

@@ -22,11 +22,13 @@ use shmesh_shm::doorbell::EventDoorbell;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::client::call::fill_chunk;
 use crate::client::{
     Answer, Call, CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE,
-    RequestBuf, Response, lock, take_if_done,
+    RequestBody, RequestBuf, Response, lock, take_if_done,
 };
 use crate::mailbox::{Mailbox, MailboxState, Waiter};
+use crate::metadata::Metadata;
 use crate::status::Status;
 
 /// A connection to a shmesh server for async callers. Cheap to clone.
@@ -103,7 +105,9 @@ impl AsyncChannel {
     /// Does not wait for a slab: an exhausted pool is `ResourceExhausted`
     /// after a short retry, as the blocking loan with a zero timeout would.
     pub fn loan(&self, len: usize) -> Result<RequestBuf, Status> {
-        self.channel.inner.loan(len, Some(Instant::now()))
+        self.channel
+            .inner
+            .loan(len, &Metadata::new(), Some(Instant::now()))
     }
 
     /// Loans a request buffer to write in place, awaiting a free slab (up
@@ -114,20 +118,47 @@ impl AsyncChannel {
         len: usize,
         timeout: Option<Duration>,
     ) -> Result<RequestBuf, Status> {
+        self.loan_wait_with(len, &Metadata::new(), timeout).await
+    }
+
+    /// [`AsyncChannel::loan_wait`] for a call that carries `metadata`
+    /// (see [`Channel::loan_with`]).
+    pub async fn loan_wait_with(
+        &self,
+        len: usize,
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<RequestBuf, Status> {
+        self.loan_until(len, metadata, timeout.map(|t| Instant::now() + t))
+            .await
+    }
+
+    async fn loan_until(
+        &self,
+        len: usize,
+        metadata: &Metadata,
+        deadline: Option<Instant>,
+    ) -> Result<RequestBuf, Status> {
         let inner = &self.channel.inner;
         if inner.is_dead() {
             return Err(inner.unavailable());
         }
         inner.check_size(len)?;
-        if len > inner.max_slab {
+        let head = metadata.encoded_len();
+        inner.check_block(head)?;
+        if head + len > inner.max_slab {
             // A heap buffer: nothing to wait for.
-            return inner.loan(len, None);
+            return inner.loan(len, metadata, None);
         }
-        let slab = match len {
-            0 => None,
-            n => Some(self.alloc(n, timeout.map(|t| Instant::now() + t)).await?),
+        let body = match head + len {
+            0 => RequestBody::Empty,
+            n => {
+                let mut slab = self.alloc(n, deadline).await?;
+                metadata.encode_into(&mut slab[..head]);
+                RequestBody::Slab(slab)
+            }
         };
-        Ok(RequestBuf::from_slab(slab, len))
+        Ok(RequestBuf { body, head, len })
     }
 
     /// Calls `method` with `request`, copied into shared memory (in chunks
@@ -138,20 +169,26 @@ impl AsyncChannel {
         request: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
-        let inner = &self.channel.inner;
+        self.call_with(method, request, &Metadata::new(), timeout)
+            .await
+    }
+
+    /// [`AsyncChannel::call`] with `metadata` (see [`Channel::call_with`]).
+    pub async fn call_with(
+        &self,
+        method: u32,
+        request: &[u8],
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        if request.len() > inner.max_slab {
-            return self.call_chunked(method, request, timeout, deadline).await;
-        }
-        inner.check_size(request.len())?;
-        let mut buf = RequestBuf::from_slab(
-            match request.len() {
-                0 => None,
-                n => Some(self.alloc(n, deadline).await?),
-            },
-            request.len(),
-        );
+        let mut buf = self.loan_until(request.len(), metadata, deadline).await?;
         buf.copy_from_slice(request);
+        if let Some((block, bytes)) = buf.heap() {
+            return self
+                .call_chunked(method, block, bytes, timeout, deadline)
+                .await;
+        }
         self.send_until(method, buf, timeout, deadline).await
     }
 
@@ -163,8 +200,10 @@ impl AsyncChannel {
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        if let Some(bytes) = request.heap() {
-            return self.call_chunked(method, bytes, timeout, deadline).await;
+        if let Some((block, bytes)) = request.heap() {
+            return self
+                .call_chunked(method, block, bytes, timeout, deadline)
+                .await;
         }
         self.send_until(method, request, timeout, deadline).await
     }
@@ -192,10 +231,12 @@ impl AsyncChannel {
         }
     }
 
-    /// A unary call whose request is larger than a slab: sent in chunks.
+    /// A unary call whose request (behind its metadata `block`) is larger
+    /// than a slab: sent in chunks.
     async fn call_chunked(
         &self,
         method: u32,
+        block: &[u8],
         request: &[u8],
         timeout: Option<Duration>,
         deadline: Option<Instant>,
@@ -204,6 +245,7 @@ impl AsyncChannel {
             call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
             channel: self.clone(),
         };
+        call.call.set_block(block.to_vec());
         call.send_message(request, true, true).await?;
         call.recv_unary().await
     }
@@ -211,10 +253,38 @@ impl AsyncChannel {
     /// Opens a streaming call (client streaming or bidirectional); see
     /// [`Channel::open`].
     pub fn open(&self, method: u32, timeout: Option<Duration>) -> Result<AsyncCall, Status> {
+        self.open_with(method, &Metadata::new(), timeout)
+    }
+
+    /// [`AsyncChannel::open`] with `metadata` (see [`Channel::open_with`]).
+    pub fn open_with(
+        &self,
+        method: u32,
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<AsyncCall, Status> {
         Ok(AsyncCall {
-            call: self.channel.open(method, timeout)?,
+            call: self.channel.open_with(method, metadata, timeout)?,
             channel: self.clone(),
         })
+    }
+
+    /// [`AsyncChannel::server_stream`] with `metadata`.
+    pub async fn server_stream_with(
+        &self,
+        method: u32,
+        request: &[u8],
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<AsyncCall, Status> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut call = AsyncCall {
+            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            channel: self.clone(),
+        };
+        call.call.set_metadata(metadata)?;
+        call.send_message(request, true, true).await?;
+        Ok(call)
     }
 
     /// Opens a server-streaming call with its one `request`; see
@@ -459,17 +529,18 @@ impl AsyncCall {
 
     /// Sends one message written in place into a loaned buffer.
     pub async fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
-        if let Some(bytes) = message.heap() {
+        self.call.adopt_metadata(&message)?;
+        if let Some((_, bytes)) = message.heap() {
             return self.send(bytes).await;
         }
-        let len = message.len();
-        match message.into_slab() {
-            Some(slab) => {
-                let flags = self.call.loaned_flags(&slab)?;
+        let (head, len) = (message.head, message.len);
+        match message.body {
+            RequestBody::Slab(slab) => {
+                let flags = self.call.loaned_flags(&slab, head)?;
                 self.credit(flags).await?;
-                self.call.push_loaned(slab, len, flags)
+                self.call.push_loaned(slab, head + len, flags)
             }
-            None => self.send(&[]).await,
+            _ => self.send(&[]).await,
         }
     }
 
@@ -487,17 +558,19 @@ impl AsyncCall {
     }
 
     async fn send_message(&mut self, bytes: &[u8], open: bool, end: bool) -> Result<(), Status> {
-        for (range, flags) in self.call.plan(bytes.len(), open, end)? {
+        let block = self.call.take_block(open);
+        for (range, flags) in self.call.plan(block.len(), bytes.len(), open, end)? {
             self.credit(flags).await?;
-            let chunk = &bytes[range];
-            let slab = match chunk.len() {
+            let slab = match range.len() {
                 0 => None,
                 n => {
                     let (_, _, deadline) = self.call.waiting_on();
-                    Some(self.channel.alloc(n, deadline).await?)
+                    let mut slab = self.channel.alloc(n, deadline).await?;
+                    fill_chunk(&mut slab[..n], &block, bytes, range.clone());
+                    Some(slab)
                 }
             };
-            self.call.push_chunk(chunk, flags, slab)?;
+            self.call.push_chunk(range.len(), flags, slab)?;
         }
         Ok(())
     }
@@ -505,7 +578,8 @@ impl AsyncCall {
     /// Sends the last message from a loaned buffer and closes the sending
     /// side in one descriptor (see [`Call::send_last_buf`]).
     pub async fn send_last_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
-        if let Some(bytes) = message.heap() {
+        if let Some((_, bytes)) = message.heap() {
+            self.call.adopt_metadata(&message)?;
             let open = !self.call.opened();
             return self.send_message(bytes, open, true).await;
         }

@@ -111,8 +111,10 @@ pub const MAGIC: [u8; 4] = *b"SHMH";
 /// The handshake wire format version this build reads and writes.
 pub const WIRE_VERSION: u16 = 1;
 /// The connection protocol version this build speaks (see the module docs
-/// for how it differs from [`WIRE_VERSION`]).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// for how it differs from [`WIRE_VERSION`]). Version 3 added call
+/// metadata ([`METADATA`](crate::protocol::METADATA)): a version-2 peer
+/// would take the block for message bytes, so the two do not connect.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes in a message header.
 pub const HEADER_LEN: usize = 12;
 /// Largest body [`decode`] accepts. Every message [`encode`] produces is

@@ -83,6 +83,7 @@ pub mod endpoint;
 pub mod handshake;
 pub mod layout;
 mod mailbox;
+pub mod metadata;
 pub mod protocol;
 pub mod server;
 pub mod socket;
@@ -94,6 +95,7 @@ pub use handshake::{
     FdRole, FdRoles, HandshakeError, Hello, Limits, Msg, PROTOCOL_VERSION, PoolClass, PoolClasses,
     Refuse, RefuseReason, SchemaHash, ServerPolicy, ServiceName, WaitMode, Welcome, negotiate,
 };
+pub use metadata::{Metadata, MetadataError};
 pub use socket::{
     Accepted, BindError, ConnectError, Connection, Listener, NotShmesh, PeerCredentials,
     ProtocolViolation, RecvError, SendError, ServerHandshakeError, client_handshake, connect,

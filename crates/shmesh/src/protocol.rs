@@ -46,6 +46,26 @@
 //! exhausting the pool while a slow reader holds slabs. Unary calls never
 //! need a grant unless a message is chunked.
 //!
+//! # Metadata
+//!
+//! A call may carry [metadata](crate::metadata) (ASCII key/value pairs: a
+//! trace context, a tenant). It rides on the call's `OPEN` descriptor,
+//! flagged [`METADATA`]: the payload starts with the encoded block
+//! ([`Metadata::decode`](crate::metadata::Metadata::decode) has its
+//! format), and the message, if the descriptor carries one ([`MESSAGE`]),
+//! follows it in the same payload. A unary call with metadata is still one
+//! descriptor each way. A call opened without a message (a client stream)
+//! opens with a descriptor whose payload is the block alone, flagged
+//! [`RETURN`]. When the message is chunked, the block rides at the start of
+//! the first chunk and must fit in it whole (the sender checks; the
+//! largest slab is far larger than the 4 KiB a block may take); the chunks
+//! hold the block and the message end to end. The receiver copies the block
+//! once out of shared memory, checks it, and hands the handler the message
+//! without it; a block that breaks the rules fails the call with
+//! `InvalidArgument` and leaves the connection up. A call without metadata
+//! is the same, bit for bit, as before the flag existed. The flag means
+//! nothing on any other descriptor and must be clear there.
+//!
 //! # Cancellation
 //!
 //! A client that gives up sends a descriptor flagged `CANCEL` for the call.
@@ -76,6 +96,10 @@ pub const MESSAGE: Flags = Flags(1 << 20);
 /// slab the client gives back ([`pack_handle`]), saving the return ring's
 /// cache line on a busy channel.
 pub const GIVES_BACK: Flags = Flags(1 << 21);
+
+/// On an `OPEN` descriptor: the payload starts with the call's encoded
+/// metadata block; the message, if any, follows it.
+pub const METADATA: Flags = Flags(1 << 22);
 
 /// Payload descriptors a sender may have unacknowledged per call and
 /// direction.
@@ -301,7 +325,7 @@ mod tests {
 
     #[test]
     fn rpc_flags_are_in_the_upper_half() {
-        for f in [OPEN, RETURN, MORE, CREDIT, MESSAGE, GIVES_BACK] {
+        for f in [OPEN, RETURN, MORE, CREDIT, MESSAGE, GIVES_BACK, METADATA] {
             assert_eq!(f.0 & Flags::UPPER.0, f.0);
         }
     }

@@ -24,20 +24,24 @@
 //! (token buckets per caller or per service, delaying or rejecting),
 //! [`qos`] (a bounded number of calls in flight, the rest served smallest
 //! or earliest-deadline first), [`metrics`] (counts, codes and latency per
-//! service and method, in `/metrics`). Others are loaded from dynamic
-//! libraries through a stable ABI: [`plugin`].
+//! service and method, in `/metrics`), [`tracing`] (W3C trace context
+//! propagated in call metadata, spans exported over OTLP or logged).
+//! Others are loaded from dynamic libraries through a stable ABI:
+//! [`plugin`].
 
 pub mod access;
 pub mod metrics;
 pub mod plugin;
 pub mod qos;
 pub mod rate_limit;
+pub mod tracing;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
+use shmesh::Metadata;
 use shmesh::control::Caller;
 use shmesh::status::{Code, Status};
 use thiserror::Error;
@@ -56,7 +60,12 @@ pub struct CallInfo<'a> {
     pub size: usize,
     /// When the caller gives up, if it set a deadline.
     pub deadline: Option<Instant>,
-    /// Notes engines attach for the engines after them (and the log).
+    /// The metadata the caller sent with the call (empty if none).
+    pub metadata: &'a Metadata,
+    /// Notes engines attach for the engines after them and for the
+    /// replica: the call is forwarded with the caller's metadata and these
+    /// (a note replaces the caller's value of the same key; one whose key
+    /// or value is not valid metadata is not forwarded).
     pub annotations: Vec<(String, String)>,
 }
 
@@ -152,6 +161,8 @@ pub enum EngineSpec {
     Qos(qos::QosConfig),
     /// Counters and latency per method.
     Metrics(metrics::MetricsConfig),
+    /// Trace context propagation and spans.
+    Tracing(tracing::TracingConfig),
     /// An engine loaded from a dynamic library.
     Plugin(plugin::PluginConfig),
 }
@@ -164,6 +175,7 @@ impl EngineSpec {
             EngineSpec::RateLimit(_) => "rate-limit",
             EngineSpec::Qos(_) => "qos",
             EngineSpec::Metrics(_) => "metrics",
+            EngineSpec::Tracing(_) => "tracing",
             EngineSpec::Plugin(_) => "plugin",
         }
     }
@@ -174,6 +186,7 @@ impl EngineSpec {
             EngineSpec::RateLimit(c) => (&c.name, &c.service),
             EngineSpec::Qos(c) => (&c.name, &c.service),
             EngineSpec::Metrics(c) => (&c.name, &c.service),
+            EngineSpec::Tracing(c) => (&c.name, &c.service),
             EngineSpec::Plugin(c) => (&c.name, &c.service),
         }
     }
@@ -248,6 +261,7 @@ pub fn build(
         EngineSpec::RateLimit(c) => Arc::new(rate_limit::RateLimiter::new(c.clone(), data)?),
         EngineSpec::Qos(c) => Arc::new(qos::Qos::new(c.clone(), data)?),
         EngineSpec::Metrics(c) => Arc::new(metrics::MetricsEngine::new(c.clone(), data)?),
+        EngineSpec::Tracing(c) => Arc::new(tracing::TracingEngine::new(c.clone(), data)?),
         EngineSpec::Plugin(c) => Arc::new(plugin::PluginEngine::new(c, state)?),
     })
 }

@@ -232,6 +232,7 @@ mod tests {
 
     use super::*;
 
+    static NO_METADATA: shmesh::Metadata = shmesh::Metadata::new();
     static CALLER: std::sync::LazyLock<Caller> = std::sync::LazyLock::new(|| Caller {
         pid: 1,
         uid: 0,
@@ -246,6 +247,7 @@ mod tests {
             method: 1,
             size,
             deadline: None,
+            metadata: &NO_METADATA,
             annotations: Vec::new(),
         }
     }

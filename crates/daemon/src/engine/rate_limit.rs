@@ -342,6 +342,7 @@ mod tests {
 
     use super::*;
 
+    static NO_METADATA: shmesh::Metadata = shmesh::Metadata::new();
     static CALLER: std::sync::LazyLock<Caller> = std::sync::LazyLock::new(|| Caller {
         pid: 1,
         uid: 1000,
@@ -356,6 +357,7 @@ mod tests {
             method: 1,
             size: 8,
             deadline: None,
+            metadata: &NO_METADATA,
             annotations: Vec::new(),
         }
     }

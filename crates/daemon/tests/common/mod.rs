@@ -17,6 +17,8 @@ pub const SCHEMA: SchemaHash = SchemaHash([7; 32]);
 pub const ECHO: u32 = 1;
 /// A second method, for per-method rules.
 pub const ECHO_TOO: u32 = 2;
+/// Answers the `traceparent` metadata the replica saw (empty if none).
+pub const TRACEPARENT_SEEN: u32 = 3;
 /// How long any condition may take to come true before the test fails.
 pub const WATCHDOG: Duration = Duration::from_secs(30);
 /// The variable that makes this binary a child process.
@@ -227,7 +229,11 @@ pub fn run_child() {
         "replica" => {
             let router = Router::new()
                 .route(ECHO, |request| Ok(request.payload.to_vec()))
-                .route(ECHO_TOO, |request| Ok(request.payload.to_vec()));
+                .route(ECHO_TOO, |request| Ok(request.payload.to_vec()))
+                .route(TRACEPARENT_SEEN, |request| {
+                    let seen = request.metadata().get("traceparent").unwrap_or_default();
+                    Ok(seen.as_bytes().to_vec())
+                });
             let server = Server::register_with(&socket, &service, SCHEMA, router).unwrap();
             server.serve();
         }

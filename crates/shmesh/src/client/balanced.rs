@@ -135,6 +135,19 @@ impl BalancedChannel {
         channel.call(method, request, timeout)
     }
 
+    /// [`BalancedChannel::call`] with `metadata` (see
+    /// [`Channel::call_with`]).
+    pub fn call_with(
+        &self,
+        method: u32,
+        request: &[u8],
+        metadata: &crate::Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
+        let channel = self.pick()?;
+        channel.call_with(method, request, metadata, timeout)
+    }
+
     /// A live channel to the less loaded of two random live replicas.
     pub fn pick(&self) -> Result<Channel, Status> {
         let mut table = lock(&self.table);

@@ -9,7 +9,8 @@ use shmesh_shm::descriptor::{Descriptor, Flags};
 use crate::client::{CallState, Inner, Pending, RequestBody, RequestBuf, Response, lock};
 use crate::deadline;
 use crate::mailbox::Mailbox;
-use crate::protocol::{self, Assembler, CreditCounter, MESSAGE, MORE, OPEN, RETURN};
+use crate::metadata::Metadata;
+use crate::protocol::{self, Assembler, CreditCounter, MESSAGE, METADATA, MORE, OPEN, RETURN};
 use crate::status::{Code, Status};
 
 /// Hands a server descriptor to a call's mailbox and wakes its reader.
@@ -24,6 +25,22 @@ pub(crate) fn deliver(mailbox: &Mailbox, d: Descriptor) {
             state.peer_ended = true;
         }
     });
+}
+
+/// Writes `range` of the metadata block and the message, end to end, into
+/// `out` (exactly `range.len()` bytes).
+pub(crate) fn fill_chunk(
+    out: &mut [u8],
+    block: &[u8],
+    message: &[u8],
+    range: std::ops::Range<usize>,
+) {
+    let head = block.len();
+    let in_block = range.start.min(head)..range.end.min(head);
+    let from_block = in_block.len();
+    out[..from_block].copy_from_slice(&block[in_block]);
+    let in_message = range.start.max(head) - head..range.end.max(head) - head;
+    out[from_block..].copy_from_slice(&message[in_message]);
 }
 
 /// What reading a call's mailbox produced.
@@ -194,6 +211,9 @@ pub struct Call {
     opened: bool,
     /// Whether our last message has gone out.
     send_closed: bool,
+    /// The encoded metadata the opening descriptor is to carry (empty:
+    /// none, or sent already).
+    block: Vec<u8>,
 }
 
 impl std::fmt::Debug for Call {
@@ -238,12 +258,58 @@ impl Call {
             deadline,
             opened: false,
             send_closed: false,
+            block: Vec::new(),
         };
         if open_now {
-            call.push(call.descriptor(OPEN))?;
-            call.opened = true;
+            call.open_now()?;
         }
         Ok(call)
+    }
+
+    /// Sets the metadata the call opens with (before it has opened).
+    pub(crate) fn set_metadata(&mut self, metadata: &Metadata) -> Result<(), Status> {
+        let len = metadata.encoded_len();
+        self.inner().check_block(len)?;
+        let mut block = vec![0; len];
+        metadata.encode_into(&mut block);
+        self.set_block(block);
+        Ok(())
+    }
+
+    /// Sets the encoded metadata block the call opens with.
+    pub(crate) fn set_block(&mut self, block: Vec<u8>) {
+        self.block = block;
+    }
+
+    /// Sends the opening descriptor without a message (with the metadata,
+    /// if the call has some).
+    pub(crate) fn open_now(&mut self) -> Result<(), Status> {
+        self.push_bare(OPEN)?;
+        self.opened = true;
+        Ok(())
+    }
+
+    /// Pushes a descriptor without a message; an opening one carries the
+    /// call's metadata block, alone in a slab the server gives back.
+    fn push_bare(&mut self, flags: Flags) -> Result<(), Status> {
+        let mut d = self.descriptor(flags);
+        if !flags.contains(OPEN) || self.block.is_empty() {
+            return self.push(d);
+        }
+        let inner = self.inner().clone();
+        inner.check_block(self.block.len())?;
+        let mut slab = inner.alloc(self.block.len(), self.deadline)?;
+        slab[..self.block.len()].copy_from_slice(&self.block);
+        d.flags = d.flags | METADATA | Flags::PAYLOAD | RETURN;
+        d.len = self.block.len() as u32;
+        d.payload = slab.send();
+        if let Err(status) = self.push(d) {
+            // Never published: take the slab back.
+            let _ = inner.pool.release_returned(d.payload);
+            return Err(status);
+        }
+        self.block = Vec::new();
+        Ok(())
     }
 
     /// Takes over a unary call whose answer comes in chunks.
@@ -260,6 +326,7 @@ impl Call {
             deadline,
             opened: true,
             send_closed: true,
+            block: Vec::new(),
         }
     }
 
@@ -301,36 +368,69 @@ impl Call {
     /// Sends one message written in place into a buffer from
     /// [`Channel::loan`](crate::client::Channel::loan): no copy.
     pub fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        self.adopt_metadata(&message)?;
         match message.body {
             RequestBody::Slab(slab) => {
-                let flags = self.loaned_flags(&slab)?;
+                let flags = self.loaned_flags(&slab, message.head)?;
                 self.take_credit(flags)?;
-                self.push_loaned(slab, message.len, flags)
+                self.push_loaned(slab, message.head + message.len, flags)
             }
-            RequestBody::Heap(bytes) => self.send(&bytes),
+            RequestBody::Heap(bytes) => self.send(&bytes[message.head..]),
             RequestBody::Empty => self.send(&[]),
         }
+    }
+
+    /// Gets a loaned buffer's metadata ready to go: a buffer carrying
+    /// metadata may only open its call (and one that has none of its own);
+    /// a buffer without metadata, on a call whose metadata waits to go,
+    /// follows a bare opening that carries it.
+    pub(crate) fn adopt_metadata(&mut self, message: &RequestBuf) -> Result<(), Status> {
+        if message.head > 0 {
+            if self.opened || !self.block.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a buffer loaned with metadata can only open a call without metadata of its own",
+                ));
+            }
+            if let RequestBody::Heap(bytes) = &message.body {
+                // Sent in chunks: the block goes ahead of the first.
+                self.block = bytes[..message.head].to_vec();
+            }
+            return Ok(());
+        }
+        if !self.opened && !self.block.is_empty() && matches!(message.body, RequestBody::Slab(_)) {
+            self.check_open_for_sending()?;
+            self.open_now()?;
+        }
+        Ok(())
     }
 
     /// Sends the last message, written in place into a loaned buffer, and
     /// closes the sending side in the same descriptor: no copy, one
     /// descriptor fewer than [`Call::send_buf`] then [`Call::close_send`].
     pub fn send_last_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        self.adopt_metadata(&message)?;
         match message.body {
             RequestBody::Slab(slab) => {
-                let flags = self.loaned_flags(&slab)? | Flags::END;
+                let flags = self.loaned_flags(&slab, message.head)? | Flags::END;
                 self.take_credit(flags)?;
-                self.push_loaned(slab, message.len, flags)?;
+                self.push_loaned(slab, message.head + message.len, flags)?;
                 self.send_closed = true;
                 Ok(())
             }
-            RequestBody::Heap(bytes) => self.send_message(&bytes, !self.opened, true),
+            RequestBody::Heap(bytes) => {
+                self.send_message(&bytes[message.head..], !self.opened, true)
+            }
             RequestBody::Empty => self.send_message(&[], !self.opened, true),
         }
     }
 
-    /// Checks a loaned buffer can go on this call; the flags it goes with.
-    pub(crate) fn loaned_flags(&self, slab: &shmesh_shm::pool::OwnedSlab) -> Result<Flags, Status> {
+    /// Checks a loaned buffer (with a metadata block of `head` bytes ahead
+    /// of its message) can go on this call; the flags it goes with.
+    pub(crate) fn loaned_flags(
+        &self,
+        slab: &shmesh_shm::pool::OwnedSlab,
+        head: usize,
+    ) -> Result<Flags, Status> {
         self.check_open_for_sending()?;
         if !slab.is_from(&self.inner().pool) {
             return Err(Status::invalid_argument(
@@ -340,6 +440,9 @@ impl Call {
         let mut flags = MESSAGE | RETURN;
         if !self.opened {
             flags = flags | OPEN;
+        }
+        if head > 0 {
+            flags = flags | METADATA;
         }
         Ok(flags)
     }
@@ -384,21 +487,38 @@ impl Call {
         end: bool,
     ) -> Result<(), Status> {
         let inner = self.inner().clone();
-        for (range, flags) in self.plan(bytes.len(), open, end)? {
+        let block = self.take_block(open);
+        for (range, flags) in self.plan(block.len(), bytes.len(), open, end)? {
             self.take_credit(flags)?;
-            let chunk = &bytes[range];
-            let slab = match chunk.len() {
+            let slab = match range.len() {
                 0 => None,
-                n => Some(inner.alloc(n, self.deadline)?),
+                n => {
+                    let mut slab = inner.alloc(n, self.deadline)?;
+                    fill_chunk(&mut slab[..n], &block, bytes, range.clone());
+                    Some(slab)
+                }
             };
-            self.push_chunk(chunk, flags, slab)?;
+            self.push_chunk(range.len(), flags, slab)?;
         }
         Ok(())
     }
 
-    /// The chunks a `len`-byte message goes out as, with their flags.
+    /// The metadata block to send ahead of a message: the call's, if the
+    /// message opens the call.
+    pub(crate) fn take_block(&mut self, open: bool) -> Vec<u8> {
+        if open {
+            std::mem::take(&mut self.block)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The chunks a `len`-byte message behind a `head`-byte metadata block
+    /// goes out as (ranges of block and message end to end), with their
+    /// flags.
     pub(crate) fn plan(
         &self,
+        head: usize,
         len: usize,
         open: bool,
         end: bool,
@@ -406,9 +526,14 @@ impl Call {
         self.check_open_for_sending()?;
         let inner = self.inner();
         inner.check_size(len)?;
-        let first = if open { OPEN } else { Flags(0) };
+        // The block must sit whole in the first chunk, the opening one.
+        inner.check_block(head)?;
+        let mut first = if open { OPEN } else { Flags(0) };
+        if head > 0 {
+            first = first | METADATA;
+        }
         let last = if end { Flags::END } else { Flags(0) };
-        Ok(protocol::plan(len, inner.max_slab, RETURN, first, last).collect())
+        Ok(protocol::plan(head + len, inner.max_slab, RETURN, first, last).collect())
     }
 
     /// Takes the credit a descriptor with `flags` costs, if the server has
@@ -428,18 +553,18 @@ impl Call {
         Ok(false)
     }
 
-    /// Writes one chunk into `slab` (none for an empty chunk) and sends it.
+    /// Sends one chunk of `len` bytes written into `slab` (none for an
+    /// empty chunk).
     pub(crate) fn push_chunk(
         &mut self,
-        chunk: &[u8],
+        len: usize,
         flags: Flags,
         slab: Option<shmesh_shm::pool::OwnedSlab>,
     ) -> Result<(), Status> {
         let mut d = self.descriptor(flags);
-        if let Some(mut slab) = slab {
-            slab[..chunk.len()].copy_from_slice(chunk);
+        if let Some(slab) = slab {
             d.flags = d.flags | Flags::PAYLOAD;
-            d.len = chunk.len() as u32;
+            d.len = len as u32;
             d.payload = slab.send();
         }
         if let Err(status) = self.push(d) {
@@ -481,7 +606,7 @@ impl Call {
         if !self.opened {
             flags = flags | OPEN;
         }
-        self.push(self.descriptor(flags))?;
+        self.push_bare(flags)?;
         self.opened = true;
         self.send_closed = true;
         Ok(())

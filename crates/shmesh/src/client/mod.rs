@@ -14,7 +14,7 @@
 //! dead and every caller in flight gets [`Code::Unavailable`] at once.
 
 mod balanced;
-mod call;
+pub(crate) mod call;
 mod reconnecting;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -34,6 +34,7 @@ use crate::endpoint::Endpoint;
 use crate::handshake::{FdRole, Hello, Limits, PROTOCOL_VERSION, SchemaHash, ServiceName};
 use crate::layout::{self, ClientEnds, LayoutError};
 use crate::mailbox::{Mailbox, Waiter};
+use crate::metadata::Metadata;
 use crate::protocol::{self, MESSAGE, OPEN};
 use crate::socket::{self, ConnectError, Connection, PeerCredentials};
 use crate::status::{Code, Status};
@@ -238,13 +239,16 @@ impl std::fmt::Debug for Channel {
 /// A request buffer in shared memory, from [`Channel::loan`]: derefs to
 /// exactly the bytes asked for. Dropping it unsent gives the slab back.
 /// (A buffer larger than the largest slab lives on the heap and is sent in
-/// chunks.)
+/// chunks.) One from [`Channel::loan_with`] also holds the call's metadata,
+/// encoded ahead of the bytes it derefs to, and opens its call with it.
 pub struct RequestBuf {
-    body: RequestBody,
-    len: usize,
+    pub(crate) body: RequestBody,
+    /// The metadata block's length, ahead of the message (0: none).
+    pub(crate) head: usize,
+    pub(crate) len: usize,
 }
 
-enum RequestBody {
+pub(crate) enum RequestBody {
     Empty,
     Slab(shmesh_shm::pool::OwnedSlab),
     Heap(Vec<u8>),
@@ -255,46 +259,36 @@ impl std::ops::Deref for RequestBuf {
     fn deref(&self) -> &[u8] {
         match &self.body {
             RequestBody::Empty => &[],
-            RequestBody::Slab(s) => &s[..self.len],
-            RequestBody::Heap(v) => v,
+            RequestBody::Slab(s) => &s[self.head..self.head + self.len],
+            RequestBody::Heap(v) => &v[self.head..],
         }
     }
 }
 
 impl std::ops::DerefMut for RequestBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        let len = self.len;
+        let (head, len) = (self.head, self.len);
         match &mut self.body {
             RequestBody::Empty => &mut [],
-            RequestBody::Slab(s) => &mut s[..len],
-            RequestBody::Heap(v) => v,
+            RequestBody::Slab(s) => &mut s[head..head + len],
+            RequestBody::Heap(v) => &mut v[head..],
         }
     }
 }
 
 impl RequestBuf {
-    /// A buffer of `len` bytes in `slab` (none when empty).
-    pub(crate) fn from_slab(slab: Option<shmesh_shm::pool::OwnedSlab>, len: usize) -> Self {
-        RequestBuf {
-            body: slab.map_or(RequestBody::Empty, RequestBody::Slab),
-            len,
-        }
-    }
-
-    /// The bytes, if the buffer is on the heap (larger than a slab).
-    pub(crate) fn heap(&self) -> Option<&[u8]> {
+    /// The metadata block and the message, if the buffer is on the heap
+    /// (larger than a slab).
+    pub(crate) fn heap(&self) -> Option<(&[u8], &[u8])> {
         match &self.body {
-            RequestBody::Heap(v) => Some(v),
+            RequestBody::Heap(v) => Some(v.split_at(self.head)),
             _ => None,
         }
     }
 
-    /// The slab, if the buffer is one.
-    pub(crate) fn into_slab(self) -> Option<shmesh_shm::pool::OwnedSlab> {
-        match self.body {
-            RequestBody::Slab(slab) => Some(slab),
-            _ => None,
-        }
+    /// Whether the buffer carries its call's metadata.
+    pub fn has_metadata(&self) -> bool {
+        self.head > 0
     }
 }
 
@@ -302,6 +296,7 @@ impl std::fmt::Debug for RequestBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RequestBuf")
             .field("len", &self.len)
+            .field("metadata_len", &self.head)
             .finish()
     }
 }
@@ -529,7 +524,36 @@ impl Channel {
     /// assert_eq!(&response[..], b"hello");
     /// ```
     pub fn loan(&self, len: usize, timeout: Option<Duration>) -> Result<RequestBuf, Status> {
-        self.inner.loan(len, timeout.map(|t| Instant::now() + t))
+        self.inner
+            .loan(len, &Metadata::new(), timeout.map(|t| Instant::now() + t))
+    }
+
+    /// [`Channel::loan`] for a call that carries `metadata`: the buffer
+    /// holds the encoded metadata ahead of the `len` bytes it derefs to,
+    /// and the call it opens ([`Channel::send`],
+    /// [`Channel::server_stream_buf`], or the first message of a
+    /// [`Call`]) carries it, still in one descriptor. Empty metadata makes
+    /// a plain loan. `ResourceExhausted` if the encoded metadata does not
+    /// fit the connection's largest slab.
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// use shmesh::Metadata;
+    /// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+    /// let mut metadata = Metadata::new();
+    /// metadata.insert("tenant", "blue").unwrap();
+    /// let mut request = channel.loan_with(5, &metadata, None).unwrap();
+    /// request.copy_from_slice(b"hello");
+    /// let response = channel.send(1, request, None).unwrap();
+    /// ```
+    pub fn loan_with(
+        &self,
+        len: usize,
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<RequestBuf, Status> {
+        self.inner
+            .loan(len, metadata, timeout.map(|t| Instant::now() + t))
     }
 
     /// Sends a request written in place into a [`RequestBuf`] and waits up
@@ -551,7 +575,31 @@ impl Channel {
         request: &[u8],
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
-        self.inner.call(method, request, timeout)
+        self.inner.call(method, request, &Metadata::new(), timeout)
+    }
+
+    /// [`Channel::call`] with `metadata`: the handler reads it with
+    /// [`Request::metadata`](crate::server::Request::metadata). Still one
+    /// descriptor each way; without metadata the same as
+    /// [`Channel::call`].
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// use shmesh::Metadata;
+    /// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+    /// let mut metadata = Metadata::new();
+    /// metadata.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")?;
+    /// let response = channel.call_with(1, b"hello", &metadata, None)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn call_with(
+        &self,
+        method: u32,
+        request: &[u8],
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
+        self.inner.call(method, request, metadata, timeout)
     }
 
     /// Opens a streaming call to `method` (client streaming or
@@ -559,13 +607,48 @@ impl Channel {
     /// its sending side and receive. The whole call must end within
     /// `timeout`.
     pub fn open(&self, method: u32, timeout: Option<Duration>) -> Result<Call, Status> {
-        Call::start(
+        self.open_with(method, &Metadata::new(), timeout)
+    }
+
+    /// [`Channel::open`] with `metadata`, sent with the call's opening
+    /// descriptor; the handler reads it with
+    /// [`ServerStream::metadata`](crate::server::ServerStream::metadata).
+    pub fn open_with(
+        &self,
+        method: u32,
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Call, Status> {
+        let mut call = Call::start(
             &self.inner,
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            true,
-        )
+            false,
+        )?;
+        call.set_metadata(metadata)?;
+        call.open_now()?;
+        Ok(call)
+    }
+
+    /// [`Channel::server_stream`] with `metadata`.
+    pub fn server_stream_with(
+        &self,
+        method: u32,
+        request: &[u8],
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Call, Status> {
+        let mut call = Call::start(
+            &self.inner,
+            method,
+            timeout,
+            timeout.map(|t| Instant::now() + t),
+            false,
+        )?;
+        call.set_metadata(metadata)?;
+        call.send_message(request, true, true)?;
+        Ok(call)
     }
 
     /// Opens a server-streaming call to `method` with its one `request`:
@@ -787,27 +870,53 @@ impl Inner {
         self: &Arc<Self>,
         method: u32,
         request: &[u8],
+        metadata: &Metadata,
         timeout: Option<Duration>,
     ) -> Result<Response, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut buf = self.loan(request.len(), deadline)?;
+        let mut buf = self.loan(request.len(), metadata, deadline)?;
         buf.copy_from_slice(request);
         self.send_until(method, buf, timeout, deadline)
     }
 
-    pub(crate) fn loan(&self, len: usize, deadline: Option<Instant>) -> Result<RequestBuf, Status> {
+    /// A request buffer of `len` bytes behind `metadata`'s block.
+    pub(crate) fn loan(
+        &self,
+        len: usize,
+        metadata: &Metadata,
+        deadline: Option<Instant>,
+    ) -> Result<RequestBuf, Status> {
         if self.is_dead() {
             return Err(self.unavailable());
         }
         self.check_size(len)?;
-        let body = if len == 0 {
+        let head = metadata.encoded_len();
+        self.check_block(head)?;
+        let total = head + len;
+        let mut body = if total == 0 {
             RequestBody::Empty
-        } else if len > self.max_slab {
-            RequestBody::Heap(vec![0; len])
+        } else if total > self.max_slab {
+            RequestBody::Heap(vec![0; total])
         } else {
-            RequestBody::Slab(self.alloc(len, deadline)?)
+            RequestBody::Slab(self.alloc(total, deadline)?)
         };
-        Ok(RequestBuf { body, len })
+        match &mut body {
+            RequestBody::Slab(slab) => metadata.encode_into(&mut slab[..head]),
+            RequestBody::Heap(v) => metadata.encode_into(&mut v[..head]),
+            RequestBody::Empty => {}
+        }
+        Ok(RequestBuf { body, head, len })
+    }
+
+    /// A metadata block must fit the opening descriptor's slab whole.
+    pub(crate) fn check_block(&self, len: usize) -> Result<(), Status> {
+        if len > self.max_slab {
+            return Err(Status::resource_exhausted(format!(
+                "call metadata of {len} bytes does not fit the connection's largest slab of {} bytes",
+                self.max_slab
+            )));
+        }
+        Ok(())
     }
 
     pub(crate) fn check_size(&self, len: usize) -> Result<(), Status> {
@@ -842,9 +951,10 @@ impl Inner {
         timeout: Option<Duration>,
         deadline: Option<Instant>,
     ) -> Result<Response, Status> {
-        if let RequestBody::Heap(bytes) = &request.body {
+        if let Some((block, bytes)) = request.heap() {
             // Larger than a slab: sent in chunks under flow control.
             let mut call = Call::start(self, method, timeout, deadline, false)?;
+            call.set_block(block.to_vec());
             call.send_message(bytes, true, true)?;
             return call.recv_unary();
         }
@@ -884,8 +994,11 @@ impl Inner {
                         "request buffer loaned from another channel",
                     ));
                 }
-                d.len = request.len as u32;
+                d.len = (request.head + request.len) as u32;
                 d.flags = d.flags | Flags::PAYLOAD;
+                if request.head > 0 {
+                    d.flags = d.flags | protocol::METADATA;
+                }
                 d.payload = slab.send();
             }
             RequestBody::Heap(_) => {

@@ -111,4 +111,19 @@ impl ReconnectingChannel {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         channel.call(method, request, left)
     }
+
+    /// [`ReconnectingChannel::call`] with `metadata` (see
+    /// [`Channel::call_with`]).
+    pub fn call_with(
+        &self,
+        method: u32,
+        request: &[u8],
+        metadata: &crate::Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Response, Status> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let channel = self.channel(deadline)?;
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        channel.call_with(method, request, metadata, left)
+    }
 }

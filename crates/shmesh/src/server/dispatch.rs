@@ -23,7 +23,8 @@ use crate::deadline;
 use crate::handshake::{FdRole, ServerPolicy};
 use crate::layout::{self, LayoutError, ServerEnds};
 use crate::mailbox::Mailbox;
-use crate::protocol::{self, CreditCounter, MESSAGE, MORE, OPEN, WINDOW};
+use crate::metadata::Metadata;
+use crate::protocol::{self, CreditCounter, MESSAGE, METADATA, MORE, OPEN, WINDOW};
 use crate::server::link::{AllocFailed, Assembly, Gone, Link, LinkParts};
 use crate::server::stream::{CallEnd, ServerStream, is_message};
 use crate::server::{Job, Reply, ReplyBody, Request, Route, Router, Runtime, Workers};
@@ -210,14 +211,16 @@ fn read<'l>(link: &'l Link, d: &Descriptor) -> Result<&'l [u8], Gone> {
 /// A unary request arriving in chunks.
 struct ChunkedRequest {
     first: Descriptor,
+    metadata: Metadata,
     message: Assembly,
     credits: CreditCounter,
 }
 
 /// A unary request's bytes.
 pub(crate) enum Payload {
-    /// In place in the client's pool, as `d` names it (checked).
-    Shared(Descriptor),
+    /// In place in the client's pool, as `d` names it (checked), from the
+    /// given offset on: past the call's metadata block, if it has one.
+    Shared(Descriptor, usize),
     /// Assembled from chunks.
     Owned(Vec<u8>),
 }
@@ -225,13 +228,24 @@ pub(crate) enum Payload {
 impl Payload {
     pub(crate) fn bytes<'a>(&'a self, link: &'a Link) -> &'a [u8] {
         match self {
-            Payload::Shared(d) if d.flags.contains(Flags::PAYLOAD) => {
-                link.peer_pool.read(d.payload, d.len.into()).unwrap_or(&[])
-            }
-            Payload::Shared(_) => &[],
+            Payload::Shared(d, skip) if d.flags.contains(Flags::PAYLOAD) => link
+                .peer_pool
+                .read(d.payload, d.len.into())
+                .ok()
+                .and_then(|bytes| bytes.get(*skip..))
+                .unwrap_or(&[]),
+            Payload::Shared(..) => &[],
             Payload::Owned(v) => v,
         }
     }
+}
+
+/// A whole unary request, handed to a task.
+#[cfg(feature = "tokio")]
+pub(crate) struct UnaryRequest {
+    pub first: Descriptor,
+    pub payload: Payload,
+    pub metadata: Metadata,
 }
 
 /// What a unary handler answered.
@@ -406,21 +420,43 @@ impl Dispatcher {
                 Status::deadline_exceeded("deadline passed before the server started the call");
             return self.fail_now(&d, &status);
         }
+        let (metadata, skip) = if d.flags.contains(METADATA) {
+            match Metadata::decode(read(&self.link, &d)?) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    self.link.discard(&d)?;
+                    let status = Status::invalid_argument(format!("call metadata: {e}"));
+                    return self.fail_now(&d, &status);
+                }
+            }
+        } else {
+            (Metadata::new(), 0)
+        };
         if route.is_streaming() {
             let Some(mailbox) = self.link.register(d.call_id) else {
                 return Err(Gone);
             };
-            self.deliver(&mailbox, d)?;
-            let end = CallEnd::new(self.link.clone(), mailbox, &d);
+            if d.flags.contains(METADATA) && !d.flags.contains(MESSAGE) {
+                // The block alone: give its slab back now; the mailbox
+                // sees only the opening (and maybe the end).
+                self.link.discard(&d)?;
+                let mut bare = d;
+                bare.flags = Flags(d.flags.0 & !Flags::PAYLOAD.0);
+                self.deliver(&mailbox, bare)?;
+            } else {
+                self.deliver(&mailbox, d)?;
+            }
+            let end = CallEnd::new(self.link.clone(), mailbox, &d, metadata, skip);
             return self.start_stream(route, end);
         }
         if d.flags.contains(MORE) {
             let mut assembly = ChunkedRequest {
                 first: d,
+                metadata,
                 message: Assembly::new(&self.link),
                 credits: CreditCounter::default(),
             };
-            let bytes = read(&self.link, &d)?;
+            let bytes = read(&self.link, &d)?.get(skip..).unwrap_or(&[]);
             if let Err(status) = assembly.message.push(bytes) {
                 self.link.discard(&d)?;
                 return self.fail_now(&d, &status);
@@ -429,7 +465,7 @@ impl Dispatcher {
             self.assembling.insert(d.call_id, assembly);
             return Ok(());
         }
-        self.unary(route, d, Payload::Shared(d), remaining)
+        self.unary(route, d, Payload::Shared(d, skip), remaining, metadata)
     }
 
     /// Ends a call that never started with `status`.
@@ -483,11 +519,13 @@ impl Dispatcher {
         let Some(route) = self.router.route_for(assembly.first.method_id) else {
             return Ok(());
         };
+        let first = assembly.first;
         self.unary(
             route,
-            assembly.first,
+            first,
             Payload::Owned(assembly.message.finish()),
-            deadline::remaining(assembly.first.deadline_ns),
+            deadline::remaining(first.deadline_ns),
+            assembly.metadata,
         )
     }
 
@@ -498,6 +536,7 @@ impl Dispatcher {
         first: Descriptor,
         payload: Payload,
         remaining: Option<Duration>,
+        metadata: Metadata,
     ) -> Result<(), Gone> {
         let started = std::time::Instant::now();
         match route {
@@ -508,6 +547,7 @@ impl Dispatcher {
                     payload: payload.bytes(link),
                     peer: link.peer,
                     remaining,
+                    metadata: &metadata,
                     call: None,
                 };
                 let answer = match route {
@@ -526,7 +566,7 @@ impl Dispatcher {
                 };
                 // A unary request's slab needs no giving back (the response
                 // releases it) unless the client asked.
-                if let Payload::Shared(d) = &payload {
+                if let Payload::Shared(d, _) = &payload {
                     link.discard(d)?;
                 }
                 let answer = match answer {
@@ -541,7 +581,7 @@ impl Dispatcher {
                 };
                 self.answer_inline(&first, answer, started)
             }
-            Route::Offloaded(_) => self.offload(first, payload, started),
+            Route::Offloaded(_) => self.offload(first, payload, metadata, started),
             #[cfg(feature = "tokio")]
             Route::Async(handler) => {
                 let Some(mailbox) = self.link.register(first.call_id) else {
@@ -552,8 +592,11 @@ impl Dispatcher {
                     handler.clone(),
                     self.link.clone(),
                     mailbox,
-                    first,
-                    payload,
+                    crate::server::dispatch::UnaryRequest {
+                        first,
+                        payload,
+                        metadata,
+                    },
                     started,
                 );
                 Ok(())
@@ -646,6 +689,7 @@ impl Dispatcher {
         &self,
         first: Descriptor,
         payload: Payload,
+        metadata: Metadata,
         started: std::time::Instant,
     ) -> Result<(), Gone> {
         let Some(mailbox) = self.link.register(first.call_id) else {
@@ -659,6 +703,7 @@ impl Dispatcher {
                 payload: payload.bytes(&link),
                 peer: link.peer,
                 remaining: deadline::remaining(first.deadline_ns),
+                metadata: &metadata,
                 call: Some(&mailbox),
             };
             let result = match router.route_for(method) {
@@ -671,7 +716,7 @@ impl Dispatcher {
                 }
                 other => deadline::enforce(other, first.deadline_ns),
             };
-            if let Payload::Shared(d) = &payload {
+            if let Payload::Shared(d, _) = &payload {
                 let _ = link.discard(d);
             }
             let result = result

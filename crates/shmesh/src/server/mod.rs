@@ -53,6 +53,7 @@ use thiserror::Error;
 use crate::endpoint::Endpoint;
 use crate::handshake::{Limits, SchemaHash, ServerPolicy, ServiceName, ServiceNameError};
 use crate::mailbox::Mailbox;
+use crate::metadata::Metadata;
 use crate::socket::{self, Listener, PeerCredentials};
 use crate::stats::Stats;
 use crate::status::Status;
@@ -82,6 +83,8 @@ pub struct Request<'a> {
     pub peer: PeerCredentials,
     /// Time left before the caller's deadline, if it set one.
     pub remaining: Option<Duration>,
+    /// The call's metadata (empty if it carried none), already checked.
+    metadata: &'a Metadata,
     /// The call's mailbox, for a call served off the connection's thread.
     call: Option<&'a Mailbox>,
 }
@@ -93,11 +96,19 @@ impl std::fmt::Debug for Request<'_> {
             .field("len", &self.payload.len())
             .field("peer", &self.peer)
             .field("remaining", &self.remaining)
+            .field("metadata", &self.metadata)
             .finish()
     }
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
+    /// The metadata the caller sent with the call (empty if none): a trace
+    /// context, say. Copied out of shared memory and checked before the
+    /// handler runs.
+    pub fn metadata(&self) -> &'a Metadata {
+        self.metadata
+    }
+
     /// Whether the client cancelled the call (it gave up or went away). A
     /// handler on a worker ([`Router::route_blocking`]) that runs long should
     /// check now and then; handlers on the connection's thread are meant to

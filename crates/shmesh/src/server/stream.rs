@@ -8,7 +8,8 @@ use shmesh_shm::descriptor::{Descriptor, Flags};
 
 use crate::deadline;
 use crate::mailbox::{Mailbox, MailboxState, Waiter};
-use crate::protocol::{self, CreditCounter, MESSAGE, MORE, RETURN};
+use crate::metadata::Metadata;
+use crate::protocol::{self, CreditCounter, MESSAGE, MORE, OPEN, RETURN};
 use crate::server::link::{Assembly, Gone, LIVENESS_SLICE, Link, ended};
 use crate::server::loan::ReplyBuf;
 use crate::socket::PeerCredentials;
@@ -26,7 +27,12 @@ pub struct Message {
 }
 
 enum Body {
-    Shared { link: Arc<Link>, d: Descriptor },
+    /// In place, from `skip` on (past the call's metadata block).
+    Shared {
+        link: Arc<Link>,
+        d: Descriptor,
+        skip: usize,
+    },
     Owned(Vec<u8>),
 }
 
@@ -43,7 +49,12 @@ impl std::ops::Deref for Message {
     fn deref(&self) -> &[u8] {
         match &self.body {
             // Checked when the message was received.
-            Body::Shared { link, d } => link.peer_pool.read(d.payload, d.len.into()).unwrap_or(&[]),
+            Body::Shared { link, d, skip } => link
+                .peer_pool
+                .read(d.payload, d.len.into())
+                .ok()
+                .and_then(|bytes| bytes.get(*skip..))
+                .unwrap_or(&[]),
             Body::Owned(v) => v,
         }
     }
@@ -57,7 +68,7 @@ impl std::fmt::Debug for Message {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        if let Body::Shared { link, d } = &self.body
+        if let Body::Shared { link, d, .. } = &self.body
             && d.flags.contains(RETURN)
         {
             link.give_back(d.payload);
@@ -73,6 +84,11 @@ pub(crate) struct CallEnd {
     pub call_id: u64,
     pub method: u32,
     pub deadline_ns: u64,
+    /// The call's metadata, checked when it opened.
+    pub metadata: Metadata,
+    /// The length of the metadata block that starts the opening
+    /// descriptor's payload (checked against it when the call opened).
+    skip: usize,
     assembling: Option<Assembly>,
     credits: CreditCounter,
     pub started: std::time::Instant,
@@ -87,13 +103,21 @@ pub(crate) enum Step {
 }
 
 impl CallEnd {
-    pub(crate) fn new(link: Arc<Link>, mailbox: Arc<Mailbox>, first: &Descriptor) -> Self {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        mailbox: Arc<Mailbox>,
+        first: &Descriptor,
+        metadata: Metadata,
+        skip: usize,
+    ) -> Self {
         CallEnd {
             link,
             mailbox,
             call_id: first.call_id,
             method: first.method_id,
             deadline_ns: first.deadline_ns,
+            metadata,
+            skip,
             assembling: None,
             credits: CreditCounter::default(),
             started: std::time::Instant::now(),
@@ -156,9 +180,14 @@ impl CallEnd {
             {
                 *grant = Some(grant.unwrap_or(0) + n);
             }
+            let skip = if d.flags.contains(OPEN) {
+                std::mem::take(&mut self.skip)
+            } else {
+                0
+            };
             let bytes: &[u8] = if d.flags.contains(Flags::PAYLOAD) {
                 match self.link.peer_pool.read(d.payload, d.len.into()) {
-                    Ok(b) => b,
+                    Ok(b) => b.get(skip..).unwrap_or(&[]),
                     Err(e) => {
                         *broken = Some(format!("call {}: {e}", d.call_id));
                         return Err(Gone.into());
@@ -184,6 +213,7 @@ impl CallEnd {
                     body: Body::Shared {
                         link: self.link.clone(),
                         d,
+                        skip,
                     },
                 })));
             }
@@ -289,6 +319,11 @@ impl ServerStream {
     /// Who called.
     pub fn peer(&self) -> PeerCredentials {
         self.end.link.peer
+    }
+
+    /// The metadata the caller opened the call with (empty if none).
+    pub fn metadata(&self) -> &Metadata {
+        &self.end.metadata
     }
 
     /// Time left before the caller's deadline, if it set one.

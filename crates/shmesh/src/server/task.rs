@@ -25,8 +25,9 @@ use shmesh_shm::pool::SlabMut;
 
 use crate::deadline;
 use crate::mailbox::{Mailbox, Waiter};
+use crate::metadata::Metadata;
 use crate::protocol;
-use crate::server::dispatch::Payload;
+use crate::server::dispatch::{Payload, UnaryRequest};
 use crate::server::link::{
     AllocFailed, Link, POOL_RETRY, in_place_flags, message, sending_over, try_take_credit,
 };
@@ -52,6 +53,7 @@ pub struct AsyncRequest {
     mailbox: Arc<Mailbox>,
     first: Descriptor,
     payload: Payload,
+    metadata: Metadata,
 }
 
 impl std::fmt::Debug for AsyncRequest {
@@ -78,6 +80,11 @@ impl AsyncRequest {
     /// Who called.
     pub fn peer(&self) -> PeerCredentials {
         self.link.peer
+    }
+
+    /// The metadata the caller sent with the call (empty if none).
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
     }
 
     /// Time left before the caller's deadline, if it set one.
@@ -150,6 +157,11 @@ impl AsyncServerStream {
     /// Who called.
     pub fn peer(&self) -> PeerCredentials {
         self.send.link.peer
+    }
+
+    /// The metadata the caller opened the call with (empty if none).
+    pub fn metadata(&self) -> &Metadata {
+        &self.recv.end.metadata
     }
 
     /// Time left before the caller's deadline, if it set one.
@@ -250,6 +262,11 @@ impl std::fmt::Debug for RecvHalf {
 }
 
 impl RecvHalf {
+    /// The metadata the caller opened the call with (empty if none).
+    pub fn metadata(&self) -> &Metadata {
+        &self.end.metadata
+    }
+
     /// The client's next message; `None` once it has sent its last.
     /// `Cancelled` if the client cancels meanwhile, `FailedPrecondition`
     /// once the call has ended.
@@ -443,10 +460,14 @@ pub(crate) fn spawn_unary(
     handler: Arc<AsyncHandler>,
     link: Arc<Link>,
     mailbox: Arc<Mailbox>,
-    first: Descriptor,
-    payload: Payload,
+    request: UnaryRequest,
     started: std::time::Instant,
 ) {
+    let UnaryRequest {
+        first,
+        payload,
+        metadata,
+    } = request;
     let done = CallDone {
         link: link.clone(),
         mailbox: mailbox.clone(),
@@ -461,13 +482,14 @@ pub(crate) fn spawn_unary(
         )));
         return;
     };
-    let shared = matches!(payload, Payload::Shared(_));
+    let shared = matches!(payload, Payload::Shared(..));
     runtime.spawn(async move {
         let request = AsyncRequest {
             link: link.clone(),
             mailbox: mailbox.clone(),
             first,
             payload,
+            metadata,
         };
         let result = tokio::select! {
             r = handler(request) => deadline::enforce(r, first.deadline_ns),
