@@ -78,7 +78,7 @@ pub fn client_streaming<Req, Resp>(
 ) -> Result<ClientStreaming<Req, Resp>, Status> {
     Ok(ClientStreaming {
         inner: Upstream::Shmesh {
-            sender: Sender::new(channel, method, timeout)?,
+            sender: Box::new(Sender::new(channel, method, timeout)?),
             response_type,
             _response: PhantomData,
         },
@@ -95,7 +95,7 @@ pub fn bidi_streaming<Req, Resp>(
 ) -> Result<BidiStreaming<Req, Resp>, Status> {
     Ok(BidiStreaming {
         sender: Upstream::Shmesh {
-            sender: Sender::new(channel, method, timeout)?,
+            sender: Box::new(Sender::new(channel, method, timeout)?),
             response_type,
             _response: PhantomData,
         },
@@ -140,7 +140,7 @@ pub struct Streaming<T> {
 #[derive(Debug)]
 enum Downstream<T> {
     Shmesh {
-        call: AsyncCall,
+        call: Box<AsyncCall>,
         response_type: &'static str,
         _message: PhantomData<fn() -> T>,
     },
@@ -154,7 +154,7 @@ impl<T: prost::Message + Default> Streaming<T> {
     pub fn new(call: AsyncCall, response_type: &'static str) -> Self {
         Streaming {
             inner: Downstream::Shmesh {
-                call,
+                call: Box::new(call),
                 response_type,
                 _message: PhantomData,
             },
@@ -191,7 +191,7 @@ impl<T: prost::Message + Default> Streaming<T> {
 #[derive(Debug)]
 enum Upstream<Req, Resp> {
     Shmesh {
-        sender: Sender<Req>,
+        sender: Box<Sender<Req>>,
         response_type: &'static str,
         _response: PhantomData<fn() -> Resp>,
     },
