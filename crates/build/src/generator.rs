@@ -94,9 +94,10 @@ struct Flavour {
     /// How a call that waits is declared and awaited.
     asyncs: &'static str,
     awaits: &'static str,
-    /// With gRPC, whether it calls through a transport picked from the
-    /// address's scheme (`shm://` or `http(s)://`).
-    picks_transport: bool,
+    /// With gRPC: the runtime's module of the transport picked from the
+    /// address's scheme (`shm://` or `http(s)://`), and its type.
+    transport_module: &'static str,
+    transport: &'static str,
 }
 
 const ASYNC: Flavour = Flavour {
@@ -107,7 +108,8 @@ const ASYNC: Flavour = Flavour {
     calls: "client",
     asyncs: "async ",
     awaits: ".await",
-    picks_transport: true,
+    transport_module: "grpc",
+    transport: "Transport",
 };
 
 const BLOCKING: Flavour = Flavour {
@@ -118,7 +120,8 @@ const BLOCKING: Flavour = Flavour {
     calls: "blocking",
     asyncs: "",
     awaits: "",
-    picks_transport: false,
+    transport_module: "grpc_blocking",
+    transport: "BlockingTransport",
 };
 
 /// A protobuf type name without its leading dot.
@@ -253,12 +256,13 @@ pub mod {module}_schema {{
         } = *flavour;
         let mod_name = format!("{module}{}", flavour.module);
         let ty = format!("{}{}", service.name, flavour.ty);
-        let grpc = self.grpc && flavour.picks_transport;
+        let grpc = self.grpc;
         let (channel, error, call, scheme_doc) = if grpc {
+            let (module, transport) = (flavour.transport_module, flavour.transport);
             (
-                format!("{rt}::grpc::Transport"),
+                format!("{rt}::{module}::{transport}"),
                 format!("{rt}::grpc::ConnectError"),
-                format!("{rt}::grpc::call_"),
+                format!("{rt}::{module}::call_"),
                 "`shm://@name`, or `http://host:port` for gRPC",
             )
         } else {

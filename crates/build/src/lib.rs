@@ -45,9 +45,9 @@
 //! - with [`Builder::grpc`], also `greeter_server::GreeterGrpcServer`
 //!   (from `GreeterServer::into_grpc`): the same trait implementation as a
 //!   tonic service, to serve over gRPC (HTTP/2, TCP) beside shmesh; and
-//!   the async `GreeterClient` connects through a transport picked from the
-//!   address's scheme: `shm://` for shmesh, `http://` or `https://` for
-//!   gRPC (the blocking client stays shmesh-only).
+//!   both clients connect through a transport picked from the address's
+//!   scheme: `shm://` for shmesh, `http://` or `https://` for gRPC (the
+//!   blocking one runs its gRPC calls on a one-thread runtime of its own).
 //!
 //! The runtime types named there live in the `shmesh-protobuf` crate.
 

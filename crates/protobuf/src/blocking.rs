@@ -1,5 +1,6 @@
 //! The blocking client side: what a generated `FooBlockingClient` calls,
-//! over a [`Channel`]. The same calls as [`client`](crate::client), for
+//! over a [`Channel`] (or, with feature `tonic`, over gRPC through
+//! `grpc_blocking`). The same calls as [`client`](crate::client), for
 //! threads.
 
 use std::marker::PhantomData;
@@ -60,9 +61,11 @@ pub fn client_streaming<Req, Resp>(
     response_type: &'static str,
 ) -> Result<ClientStreaming<Req, Resp>, Status> {
     Ok(ClientStreaming {
-        sender: Sender::new(channel, method, timeout)?,
-        response_type,
-        _response: PhantomData,
+        inner: Upstream::Shmesh {
+            sender: Box::new(Sender::new(channel, method, timeout)?),
+            response_type,
+            _grpc: PhantomData,
+        },
     })
 }
 
@@ -75,9 +78,11 @@ pub fn bidi_streaming<Req, Resp>(
     response_type: &'static str,
 ) -> Result<BidiStreaming<Req, Resp>, Status> {
     Ok(BidiStreaming {
-        sender: Sender::new(channel, method, timeout)?,
-        response_type,
-        _response: PhantomData,
+        inner: Upstream::Shmesh {
+            sender: Box::new(Sender::new(channel, method, timeout)?),
+            response_type,
+            _grpc: PhantomData,
+        },
     })
 }
 
@@ -117,9 +122,27 @@ impl<Req: prost::Message> Sender<Req> {
 /// the end cancels the call.
 #[derive(Debug)]
 pub struct Streaming<T> {
-    call: Call,
-    response_type: &'static str,
-    _message: PhantomData<fn() -> T>,
+    inner: Downstream<T>,
+}
+
+#[derive(Debug)]
+enum Downstream<T> {
+    Shmesh {
+        call: Call,
+        response_type: &'static str,
+        _message: PhantomData<fn() -> T>,
+    },
+    #[cfg(feature = "tonic")]
+    Grpc(Waiting<crate::client::Streaming<T>>),
+}
+
+/// An async call of a blocking client over gRPC, and the runtime it runs
+/// on (see [`crate::grpc_blocking`]).
+#[cfg(feature = "tonic")]
+#[derive(Debug)]
+struct Waiting<C> {
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    call: C,
 }
 
 impl<T: prost::Message + Default> Streaming<T> {
@@ -127,24 +150,40 @@ impl<T: prost::Message + Default> Streaming<T> {
     /// `call`.
     pub fn new(call: Call, response_type: &'static str) -> Self {
         Streaming {
-            call,
-            response_type,
-            _message: PhantomData,
+            inner: Downstream::Shmesh {
+                call,
+                response_type,
+                _message: PhantomData,
+            },
+        }
+    }
+
+    /// Reads the responses of a gRPC call running on `runtime`.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(
+        runtime: std::sync::Arc<tokio::runtime::Runtime>,
+        call: crate::client::Streaming<T>,
+    ) -> Self {
+        Streaming {
+            inner: Downstream::Grpc(Waiting { runtime, call }),
         }
     }
 
     /// The next response; `None` once the call has ended successfully,
     /// its status if it failed.
     pub fn message(&mut self) -> Result<Option<T>, Status> {
-        match self.call.recv()? {
-            Some(response) => decode(&response, self.response_type).map(Some),
-            None => Ok(None),
+        match &mut self.inner {
+            Downstream::Shmesh {
+                call,
+                response_type,
+                ..
+            } => match call.recv()? {
+                Some(response) => decode(&response, response_type).map(Some),
+                None => Ok(None),
+            },
+            #[cfg(feature = "tonic")]
+            Downstream::Grpc(w) => w.runtime.block_on(w.call.message()),
         }
-    }
-
-    /// The untyped call underneath.
-    pub fn into_inner(self) -> Call {
-        self.call
     }
 }
 
@@ -156,27 +195,67 @@ impl<T: prost::Message + Default> Iterator for Streaming<T> {
     }
 }
 
+/// Requests streaming up, over shmesh or gRPC.
+#[derive(Debug)]
+enum Upstream<Req, C> {
+    Shmesh {
+        sender: Box<Sender<Req>>,
+        response_type: &'static str,
+        /// The gRPC call type (unused without feature `tonic`).
+        _grpc: PhantomData<fn() -> C>,
+    },
+    #[cfg(feature = "tonic")]
+    Grpc(Waiting<C>),
+}
+
 /// A client-streaming call: send requests, then
 /// [`finish`](ClientStreaming::finish). Dropping it unfinished cancels the
 /// call.
 #[derive(Debug)]
 pub struct ClientStreaming<Req, Resp> {
-    sender: Sender<Req>,
-    response_type: &'static str,
-    _response: PhantomData<fn() -> Resp>,
+    inner: Upstream<Req, crate::client::ClientStreaming<Req, Resp>>,
 }
 
-impl<Req: prost::Message, Resp: prost::Message + Default> ClientStreaming<Req, Resp> {
+impl<Req, Resp> ClientStreaming<Req, Resp>
+where
+    Req: prost::Message + Clone + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    /// Sends over gRPC through `call`, running on `runtime`.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(
+        runtime: std::sync::Arc<tokio::runtime::Runtime>,
+        call: crate::client::ClientStreaming<Req, Resp>,
+    ) -> Self {
+        ClientStreaming {
+            inner: Upstream::Grpc(Waiting { runtime, call }),
+        }
+    }
+
     /// Sends one request, waiting for the server's credit when the window
     /// is full.
     pub fn send(&mut self, message: &Req) -> Result<(), Status> {
-        self.sender.send(message)
+        match &mut self.inner {
+            Upstream::Shmesh { sender, .. } => sender.send(message),
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc(w) => w.runtime.block_on(w.call.send(message)),
+        }
     }
 
     /// Closes the sending side and waits for the server's one response.
     pub fn finish(self) -> Result<Resp, Status> {
-        let response = self.sender.call.finish()?;
-        decode(&response, self.response_type)
+        match self.inner {
+            Upstream::Shmesh {
+                sender,
+                response_type,
+                ..
+            } => {
+                let response = sender.call.finish()?;
+                decode(&response, response_type)
+            }
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc(w) => w.runtime.block_on(w.call.finish()),
+        }
     }
 }
 
@@ -184,29 +263,58 @@ impl<Req: prost::Message, Resp: prost::Message + Default> ClientStreaming<Req, R
 /// order; [`close_send`](BidiStreaming::close_send) when done sending.
 #[derive(Debug)]
 pub struct BidiStreaming<Req, Resp> {
-    sender: Sender<Req>,
-    response_type: &'static str,
-    _response: PhantomData<fn() -> Resp>,
+    inner: Upstream<Req, crate::client::BidiStreaming<Req, Resp>>,
 }
 
-impl<Req: prost::Message, Resp: prost::Message + Default> BidiStreaming<Req, Resp> {
+impl<Req, Resp> BidiStreaming<Req, Resp>
+where
+    Req: prost::Message + Clone + Send + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    /// Sends and receives over gRPC through `call`, running on `runtime`.
+    #[cfg(feature = "tonic")]
+    pub(crate) fn grpc(
+        runtime: std::sync::Arc<tokio::runtime::Runtime>,
+        call: crate::client::BidiStreaming<Req, Resp>,
+    ) -> Self {
+        BidiStreaming {
+            inner: Upstream::Grpc(Waiting { runtime, call }),
+        }
+    }
+
     /// Sends one request, waiting for the server's credit when the window
     /// is full.
     pub fn send(&mut self, message: &Req) -> Result<(), Status> {
-        self.sender.send(message)
+        match &mut self.inner {
+            Upstream::Shmesh { sender, .. } => sender.send(message),
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc(w) => w.runtime.block_on(w.call.send(message)),
+        }
     }
 
     /// Closes the sending side: the server sees the end of its requests.
     pub fn close_send(&mut self) -> Result<(), Status> {
-        self.sender.call.close_send()
+        match &mut self.inner {
+            Upstream::Shmesh { sender, .. } => sender.call.close_send(),
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc(w) => w.call.close_send(),
+        }
     }
 
     /// The next response; `None` once the call has ended successfully,
     /// its status if it failed.
     pub fn message(&mut self) -> Result<Option<Resp>, Status> {
-        match self.sender.call.recv()? {
-            Some(response) => decode(&response, self.response_type).map(Some),
-            None => Ok(None),
+        match &mut self.inner {
+            Upstream::Shmesh {
+                sender,
+                response_type,
+                ..
+            } => match sender.call.recv()? {
+                Some(response) => decode(&response, response_type).map(Some),
+                None => Ok(None),
+            },
+            #[cfg(feature = "tonic")]
+            Upstream::Grpc(w) => w.runtime.block_on(w.call.message()),
         }
     }
 }

@@ -9,9 +9,10 @@
 //!   dropped, and one that finishes after it is `DeadlineExceeded`.
 //! - Calling: a [`Transport`] picked from the address's scheme (`shm://`
 //!   for shmesh, `http://` or `https://` for gRPC), which a generated async
-//!   client built with `grpc(true)` calls through. A call that runs out of
-//!   time is `DeadlineExceeded` over either (tonic reports its own timer
-//!   running out as `Cancelled`).
+//!   client built with `grpc(true)` calls through (the blocking client:
+//!   [`crate::grpc_blocking`]). A call that runs out of time is
+//!   `DeadlineExceeded` over either (tonic reports its own timer running out
+//!   as `Cancelled`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -397,6 +398,9 @@ pub enum ConnectError {
     /// Connecting over gRPC failed.
     #[error("cannot connect over gRPC: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// A blocking client's runtime for gRPC could not be started.
+    #[error("cannot start the runtime for gRPC calls: {0}")]
+    Runtime(std::io::Error),
 }
 
 impl Transport {
@@ -440,7 +444,7 @@ pub(crate) async fn joined<T>(
 }
 
 /// A gRPC client channel.
-type GrpcChannel = tonic::client::Grpc<tonic::transport::Channel>;
+pub type GrpcChannel = tonic::client::Grpc<tonic::transport::Channel>;
 
 /// A gRPC channel ready for a call.
 async fn ready(grpc: &GrpcChannel) -> Result<GrpcChannel, Status> {

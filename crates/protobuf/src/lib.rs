@@ -33,6 +33,8 @@ pub mod blocking;
 pub mod client;
 #[cfg(feature = "tonic")]
 pub mod grpc;
+#[cfg(feature = "tonic")]
+pub mod grpc_blocking;
 pub mod server;
 
 use std::net::SocketAddr;

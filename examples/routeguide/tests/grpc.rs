@@ -156,3 +156,77 @@ async fn an_address_of_no_known_scheme_is_refused() {
         .unwrap_err();
     assert!(error.to_string().contains("ftp://example"), "{error}");
 }
+
+#[test]
+fn the_generated_blocking_client_makes_all_four_kinds_of_call_over_either_transport() {
+    use generated::{Rectangle, RouteNote, grid_point};
+    use shmesh_example_routeguide::routeguide::route_guide_blocking_client::RouteGuideBlockingClient;
+
+    // A gRPC server on a runtime of the test's; the client brings its own.
+    let server_runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = server_runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _server = server_runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(RouteGuideServer::new(RouteGuideService::default()).into_grpc())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let address = format!("shm://@shmesh-routeguide-blocking-{}", std::process::id());
+    let shmesh = RouteGuideServer::new(RouteGuideService::default())
+        .bind(&address)
+        .unwrap();
+    let _shmesh = shmesh::server::BackgroundServer::spawn(shmesh).unwrap();
+
+    for address in [format!("http://127.0.0.1:{port}"), address] {
+        let client = RouteGuideBlockingClient::connect(&address)
+            .unwrap()
+            .with_timeout(std::time::Duration::from_secs(10));
+
+        let feature = client.get_feature(grid_point(3, 7)).unwrap();
+        assert_eq!(feature.name, "place 3-7", "{address}");
+
+        let names: Vec<String> = client
+            .list_features(Rectangle {
+                lo: Some(grid_point(9, 7)),
+                hi: Some(grid_point(9, 9)),
+            })
+            .unwrap()
+            .map(|f| f.unwrap().name)
+            .collect();
+        assert_eq!(names, ["place 9-7", "place 9-8", "place 9-9"], "{address}");
+
+        let mut route = client.record_route().unwrap();
+        for i in 0..4 {
+            route.send(&grid_point(i, i)).unwrap();
+        }
+        let summary = route.finish().unwrap();
+        assert_eq!((summary.point_count, summary.feature_count), (4, 4));
+
+        let mut chat = client.route_chat().unwrap();
+        let here = |message: &str| RouteNote {
+            location: Some(grid_point(2, 8)),
+            message: message.into(),
+        };
+        chat.send(&here("one")).unwrap();
+        chat.send(&here("two")).unwrap();
+        assert_eq!(chat.message().unwrap().unwrap().message, "one");
+        chat.close_send().unwrap();
+        assert!(chat.message().unwrap().is_none(), "{address}");
+
+        // Calls from several threads share the client (and, over gRPC, its
+        // runtime).
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let client = &client;
+                s.spawn(move || {
+                    let feature = client.get_feature(grid_point(t, 1)).unwrap();
+                    assert_eq!(feature.name, format!("place {t}-1"));
+                });
+            }
+        });
+    }
+    let error = RouteGuideBlockingClient::connect("ftp://example").unwrap_err();
+    assert!(error.to_string().contains("ftp://example"), "{error}");
+}
