@@ -11,8 +11,10 @@
 //! The daemon serves the client's side exactly as a replica would (the
 //! connection is handed over to a detached [`Server`] whose router forwards
 //! every method), and is itself a client of each replica, over connections
-//! it brokers to itself like any other. Unary calls only: a stream opened
-//! on a mediated service is answered `Unimplemented`.
+//! it brokers to itself like any other. Unary calls are forwarded on the
+//! client's connection thread ([`Router::fallback_in_place`]); streams of
+//! every kind on a worker, pumped both ways (`stream.rs`,
+//! [`Router::fallback_stream`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,8 @@ use shmesh::server::{Reply, Request, Router, Server, ServerError};
 use shmesh::status::{Code, Status};
 
 use crate::engine::{CallInfo, Pipeline};
+
+mod stream;
 
 /// How long a forwarded call may take when the caller set no deadline.
 const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -82,8 +86,10 @@ impl Mediator {
             callers: RwLock::new(HashMap::new()),
         });
         let handler = forwarder.clone();
-        let router =
-            Router::new().fallback_in_place(move |request, reply| handler.forward(request, reply));
+        let streams = forwarder.clone();
+        let router = Router::new()
+            .fallback_in_place(move |request, reply| handler.forward(request, reply))
+            .fallback_stream(move |call| streams.forward_stream(call));
         let server = Server::detached(service, schema, router)?;
         Ok(Mediator { server, forwarder })
     }
@@ -116,6 +122,22 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Forwarder {
+    /// Who a client is, as the daemon identified it when it connected (its
+    /// credentials alone if the daemon never saw it).
+    fn caller(&self, peer: shmesh::PeerCredentials) -> Arc<Caller> {
+        read(&self.callers)
+            .get(&peer.pid)
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(Caller {
+                    pid: peer.pid,
+                    uid: peer.uid,
+                    gid: peer.gid,
+                    app: String::new(),
+                })
+            })
+    }
+
     fn forward(&self, request: &Request<'_>, reply: &mut Reply<'_>) -> Result<(), Status> {
         let now = Instant::now();
         let caller = read(&self.callers)

@@ -22,6 +22,7 @@ use shmesh_shm::doorbell::EventDoorbell;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::client::call::Kind;
 use crate::client::{
     Answer, Call, CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE,
     RequestBuf, Response, lock, take_if_done,
@@ -201,7 +202,13 @@ impl AsyncChannel {
         deadline: Option<Instant>,
     ) -> Result<Response, Status> {
         let mut call = AsyncCall {
-            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            call: Call::start(
+                &self.channel.inner,
+                method,
+                timeout,
+                deadline,
+                Kind::ChunkedUnary,
+            )?,
             channel: self.clone(),
         };
         call.send_message(request, true, true).await?;
@@ -227,7 +234,13 @@ impl AsyncChannel {
     ) -> Result<AsyncCall, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut call = AsyncCall {
-            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            call: Call::start(
+                &self.channel.inner,
+                method,
+                timeout,
+                deadline,
+                Kind::OpenWithMessage,
+            )?,
             channel: self.clone(),
         };
         call.send_message(request, true, true).await?;
@@ -244,7 +257,13 @@ impl AsyncChannel {
     ) -> Result<AsyncCall, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut call = AsyncCall {
-            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            call: Call::start(
+                &self.channel.inner,
+                method,
+                timeout,
+                deadline,
+                Kind::OpenWithMessage,
+            )?,
             channel: self.clone(),
         };
         call.send_last_buf(request).await?;

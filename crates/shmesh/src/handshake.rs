@@ -112,7 +112,7 @@ pub const MAGIC: [u8; 4] = *b"SHMH";
 pub const WIRE_VERSION: u16 = 1;
 /// The connection protocol version this build speaks (see the module docs
 /// for how it differs from [`WIRE_VERSION`]).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes in a message header.
 pub const HEADER_LEN: usize = 12;
 /// Largest body [`decode`] accepts. Every message [`encode`] produces is

@@ -14,7 +14,7 @@
 //! dead and every caller in flight gets [`Code::Unavailable`] at once.
 
 mod balanced;
-mod call;
+pub(crate) mod call;
 mod reconnecting;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -40,7 +40,7 @@ use crate::status::{Code, Status};
 use crate::{Address, AddressError};
 
 pub use balanced::BalancedChannel;
-pub use call::Call;
+pub use call::{Call, CallReceiver, CallSender};
 pub use reconnecting::{Gap, ReconnectingChannel};
 
 /// How often a waiting caller re-checks liveness and its deadline when
@@ -564,7 +564,7 @@ impl Channel {
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            true,
+            call::Kind::OpenNow,
         )
     }
 
@@ -590,7 +590,7 @@ impl Channel {
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            false,
+            call::Kind::OpenWithMessage,
         )?;
         call.send_message(request, true, true)?;
         Ok(call)
@@ -609,7 +609,7 @@ impl Channel {
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            false,
+            call::Kind::OpenWithMessage,
         )?;
         call.send_last_buf(request)?;
         Ok(call)
@@ -844,7 +844,7 @@ impl Inner {
     ) -> Result<Response, Status> {
         if let RequestBody::Heap(bytes) = &request.body {
             // Larger than a slab: sent in chunks under flow control.
-            let mut call = Call::start(self, method, timeout, deadline, false)?;
+            let mut call = Call::start(self, method, timeout, deadline, call::Kind::ChunkedUnary)?;
             call.send_message(bytes, true, true)?;
             return call.recv_unary();
         }
