@@ -408,7 +408,8 @@ fn mediated_streams_of_every_kind_arrive_intact_in_order_through_the_engines() {
     drop(answer);
 
     // Bidirectional, sending and receiving from two threads at once.
-    let size = |i: u32| 4 + (i as usize * 7919) % 9000 + if i % 97 == 0 { 2 << 20 } else { 0 };
+    let size =
+        |i: u32| 4 + (i as usize * 7919) % 9000 + if i.is_multiple_of(97) { 2 << 20 } else { 0 };
     let mut call = channel.open(ECHO_STREAM, timeout).unwrap();
     let (mut incoming, mut outgoing) = call.split();
     std::thread::scope(|s| {

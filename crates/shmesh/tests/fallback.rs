@@ -151,7 +151,8 @@ fn a_split_call_sends_and_receives_from_two_threads() {
     let (mut incoming, mut outgoing) = call.split();
     // Far more than the flow-control window each way, some in chunks: a
     // proxy pumping both ways at once.
-    let sizes = |i: u32| 4 + (i as usize * 7919) % 9000 + if i % 97 == 0 { 2 << 20 } else { 0 };
+    let sizes =
+        |i: u32| 4 + (i as usize * 7919) % 9000 + if i.is_multiple_of(97) { 2 << 20 } else { 0 };
     std::thread::scope(|s| {
         s.spawn(move || {
             for i in 0..500u32 {
