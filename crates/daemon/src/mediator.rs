@@ -11,8 +11,10 @@
 //! The daemon serves the client's side exactly as a replica would (the
 //! connection is handed over to a detached [`Server`] whose router forwards
 //! every method), and is itself a client of each replica, over connections
-//! it brokers to itself like any other. Unary calls only: a stream opened
-//! on a mediated service is answered `Unimplemented`.
+//! it brokers to itself like any other. Unary calls are forwarded on the
+//! client's connection thread ([`Router::fallback_in_place`]); streams of
+//! every kind on a worker, pumped both ways (`stream.rs`,
+//! [`Router::fallback_stream`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -28,6 +30,8 @@ use shmesh::server::{Reply, Request, Router, Server, ServerError};
 use shmesh::status::{Code, Status};
 
 use crate::engine::{CallInfo, Pipeline};
+
+mod stream;
 
 /// How long a forwarded call may take when the caller set no deadline.
 const DEFAULT_FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,8 +88,10 @@ impl Mediator {
             callers: RwLock::new(HashMap::new()),
         });
         let handler = forwarder.clone();
-        let router =
-            Router::new().fallback_in_place(move |request, reply| handler.forward(request, reply));
+        let streams = forwarder.clone();
+        let router = Router::new()
+            .fallback_in_place(move |request, reply| handler.forward(request, reply))
+            .fallback_stream(move |call| streams.forward_stream(call));
         let server = Server::detached(service, schema, router)?;
         Ok(Mediator { server, forwarder })
     }
@@ -133,19 +139,25 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl Forwarder {
-    fn forward(&self, request: &Request<'_>, reply: &mut Reply<'_>) -> Result<(), Status> {
-        let now = Instant::now();
-        let caller = read(&self.callers)
-            .get(&request.peer.pid)
+    /// Who a client is, as the daemon identified it when it connected (its
+    /// credentials alone if the daemon never saw it).
+    fn caller(&self, peer: shmesh::PeerCredentials) -> Arc<Caller> {
+        read(&self.callers)
+            .get(&peer.pid)
             .cloned()
             .unwrap_or_else(|| {
                 Arc::new(Caller {
-                    pid: request.peer.pid,
-                    uid: request.peer.uid,
-                    gid: request.peer.gid,
+                    pid: peer.pid,
+                    uid: peer.uid,
+                    gid: peer.gid,
                     app: String::new(),
                 })
-            });
+            })
+    }
+
+    fn forward(&self, request: &Request<'_>, reply: &mut Reply<'_>) -> Result<(), Status> {
+        let now = Instant::now();
+        let caller = self.caller(request.peer);
         let mut call = CallInfo {
             caller: &caller,
             service: &self.service,

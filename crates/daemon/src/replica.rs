@@ -80,11 +80,18 @@ pub(crate) fn replica_session(
             ),
         );
     }
+    // The link is held from before the replica is listed until its answer
+    // is out: a status scrape that finds it listed asks for its counters
+    // on the same link, and the replica expects `Registered` first. (No
+    // one locks the registry, then a link.)
+    let mut sending = lock(&send);
     let id = lock(&state.registry).add_replica(process.clone(), policy, send.clone(), Some(load));
     // Relaxed: mediators only compare it with what they saw last.
     state.generation.fetch_add(1, Ordering::Relaxed);
     let registered = control::encode(&FromDaemon::Registered { replica: id });
-    if lock(&send).send_msg(&registered, &[]).is_err() || conn.set_read_timeout(None).is_err() {
+    let answered = sending.send_msg(&registered, &[]).is_ok();
+    drop(sending);
+    if !answered || conn.set_read_timeout(None).is_err() {
         lock(&state.registry).remove_replica(id);
         return;
     }

@@ -297,3 +297,292 @@ fn mediated_clients_reconnect_after_a_daemon_restart_as_they_chose() {
     assert_eq!(&failing.call(ECHO, b"e", timeout).unwrap()[..], b"e");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn count_request(count: u32, size: u32) -> Vec<u8> {
+    let mut request = count.to_le_bytes().to_vec();
+    request.extend_from_slice(&size.to_le_bytes());
+    request
+}
+
+/// How many calls of `method` ended with `code` in `stats`.
+fn ended_with(stats: &[shmesh::control::MethodStats], method: u32, code: Code) -> u64 {
+    stats
+        .iter()
+        .filter(|m| m.method == method)
+        .flat_map(|m| &m.by_code)
+        .filter(|(c, _)| *c == code as u8)
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// The daemon's own counts of the mediated calls to `service`.
+fn mediated(report: &shmesh::control::StatusReport) -> &[shmesh::control::MethodStats] {
+    report
+        .services
+        .iter()
+        .find(|s| s.name == "echo")
+        .map_or(&[], |s| &s.mediated[..])
+}
+
+/// The replicas' counts of the calls they served, added up per method.
+fn served(report: &shmesh::control::StatusReport) -> Vec<shmesh::control::MethodStats> {
+    report
+        .services
+        .iter()
+        .filter(|s| s.name == "echo")
+        .flat_map(|s| &s.replicas)
+        .filter_map(|r| r.stats.as_ref())
+        .flat_map(|s| s.methods.iter().cloned())
+        .collect()
+}
+
+/// Waits until `cond` holds (a watchdog, not a timing assertion).
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let give_up = std::time::Instant::now() + WATCHDOG;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "never happened: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A server stream still flows through the mediator: the daemon's health
+/// check after a peer died.
+fn a_stream_flows(channel: &shmesh::client::Channel) {
+    let timeout = Some(std::time::Duration::from_secs(60));
+    let mut call = channel
+        .server_stream(COUNT, &count_request(40, 16), timeout)
+        .unwrap();
+    let mut next = 0u32;
+    while let Some(m) = call.recv().unwrap() {
+        assert_eq!(u32::from_le_bytes(m[..4].try_into().unwrap()), next);
+        next += 1;
+    }
+    assert_eq!(next, 40);
+}
+
+#[test]
+fn mediated_streams_of_every_kind_arrive_intact_in_order_through_the_engines() {
+    let _serial = serial();
+    let dir = scratch("streams");
+    let config = mediated_config(
+        &dir,
+        "[[engines]]\nkind = \"metrics\"\n\n[[engines]]\nname = \"limit\"\nkind = \"rate-limit\"\nrate = 1000000.0\nburst = 1000\n",
+    );
+    let daemon = Daemon::start(&dir.join("d.sock"), Some(&config));
+    let _a = spawn_child("replica", &daemon, "echo");
+    let _b = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("two replicas", |r| replicas(r, "echo") == 2);
+    let channel = connect(&daemon, "echo");
+    let timeout = Some(std::time::Duration::from_secs(60));
+
+    // Server streaming: far more messages than the flow-control window,
+    // and messages larger than the largest slab (sent in chunks).
+    for (count, size) in [(1000u32, 64u32), (3, 3 << 20)] {
+        let mut call = channel
+            .server_stream(COUNT, &count_request(count, size), timeout)
+            .unwrap();
+        let mut next = 0u32;
+        while let Some(m) = call.recv().unwrap() {
+            assert_eq!(u32::from_le_bytes(m[..4].try_into().unwrap()), next);
+            assert_eq!(m.len(), size as usize);
+            assert!(m[4..].iter().all(|&b| b == (next % 251) as u8), "{next}");
+            next += 1;
+        }
+        assert_eq!(next, count);
+    }
+
+    // Client streaming, one message larger than a slab among them.
+    let mut call = channel.open(SUM, timeout).unwrap();
+    let mut expected = 0u64;
+    for i in 0..2000u64 {
+        let message = vec![(i % 256) as u8; (i % 300) as usize];
+        expected += message.iter().map(|&b| u64::from(b)).sum::<u64>();
+        call.send(&message).unwrap();
+    }
+    call.send(&vec![1u8; 3 << 20]).unwrap();
+    expected += 3 << 20;
+    let answer = call.finish().unwrap();
+    assert_eq!(
+        u64::from_le_bytes(answer[..8].try_into().unwrap()),
+        expected
+    );
+    assert_eq!(u64::from_le_bytes(answer[8..16].try_into().unwrap()), 2001);
+    drop(answer);
+
+    // Bidirectional, sending and receiving from two threads at once.
+    let size =
+        |i: u32| 4 + (i as usize * 7919) % 9000 + if i.is_multiple_of(97) { 2 << 20 } else { 0 };
+    let mut call = channel.open(ECHO_STREAM, timeout).unwrap();
+    let (mut incoming, mut outgoing) = call.split();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            for i in 0..500u32 {
+                let mut m = i.to_le_bytes().to_vec();
+                m.resize(size(i), i as u8);
+                outgoing.send(&m).unwrap();
+            }
+            outgoing.close_send().unwrap();
+        });
+        for i in 0..500u32 {
+            let m = incoming.recv().unwrap().unwrap();
+            assert_eq!(u32::from_le_bytes(m[..4].try_into().unwrap()), i);
+            assert_eq!(m.len(), size(i));
+            assert!(m[4..].iter().all(|&b| b == i as u8), "{i}");
+        }
+        assert!(incoming.recv().unwrap().is_none());
+    });
+    drop(call);
+    eventually("slabs return", || channel.pool_in_use() == 0);
+    assert_eq!(channel.calls_in_flight(), 0);
+
+    // The engines admit a stream once: a bucket of one token lets one
+    // stream through and refuses the next, as its status.
+    let answer = policy(
+        &daemon,
+        PolicyRequest::Remove {
+            name: "limit".into(),
+        },
+    );
+    assert_eq!(answer.error, None);
+    let strict = "name = \"strict\"\nkind = \"rate-limit\"\nrate = 0.00001\nburst = 1\nwhen_empty = \"reject\"\n";
+    let answer = policy(
+        &daemon,
+        PolicyRequest::Add {
+            spec: strict.into(),
+            position: None,
+        },
+    );
+    assert_eq!(answer.error, None);
+    let mut call = channel
+        .server_stream(COUNT, &count_request(100, 8), timeout)
+        .unwrap();
+    let mut received = 0;
+    while call.recv().unwrap().is_some() {
+        received += 1;
+    }
+    assert_eq!(received, 100);
+    let refused = channel
+        .server_stream(COUNT, &count_request(100, 8), timeout)
+        .unwrap()
+        .recv()
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+
+    // The metrics engine counted each stream once, with its final code
+    // (the replica's own counters arrive through its load page, within a
+    // tick).
+    let report = daemon.wait_for("the replica's counters", |r| {
+        ended_with(&served(r), COUNT, Code::Ok) == 3
+    });
+    let counted = mediated(&report);
+    assert_eq!(ended_with(counted, COUNT, Code::Ok), 3, "{counted:?}");
+    assert_eq!(ended_with(counted, COUNT, Code::ResourceExhausted), 1);
+    assert_eq!(ended_with(counted, SUM, Code::Ok), 1, "{counted:?}");
+    assert_eq!(ended_with(counted, ECHO_STREAM, Code::Ok), 1, "{counted:?}");
+    let replicas_served = served(&report);
+    assert_eq!(ended_with(&replicas_served, COUNT, Code::Ok), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_replica_killed_mid_stream_fails_its_streams_unavailable() {
+    let _serial = serial();
+    let dir = scratch("replica-killed");
+    let config = mediated_config(&dir, "[[engines]]\nkind = \"metrics\"\n");
+    let daemon = Daemon::start(&dir.join("d.sock"), Some(&config));
+    let mut replica = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("the replica", |r| replicas(r, "echo") == 1);
+    let channel = connect(&daemon, "echo");
+    let timeout = Some(std::time::Duration::from_secs(60));
+
+    let mut forever = channel.server_stream(FOREVER, b"go", timeout).unwrap();
+    for i in 0..3u64 {
+        let m = forever.recv().unwrap().unwrap();
+        assert_eq!(u64::from_le_bytes(m[..8].try_into().unwrap()), i);
+    }
+    let mut echo = channel.open(ECHO_STREAM, timeout).unwrap();
+    echo.send(b"hello").unwrap();
+    assert_eq!(&echo.recv().unwrap().unwrap()[..], b"hello");
+
+    replica.kill9();
+    // What was on its way still arrives, then the end. Flow control holds
+    // end to end: however fast the replica sent while this client read
+    // nothing, no more than a window waited here, the message the daemon
+    // was forwarding, and a window in the daemon.
+    let mut drained = 0;
+    let err = loop {
+        match forever.recv() {
+            Ok(Some(_)) => drained += 1,
+            Ok(None) => panic!("the stream ended well"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    let bound = 2 * shmesh::protocol::WINDOW + 8;
+    assert!(drained <= bound, "{drained} messages were buffered");
+    let err = echo.recv().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    drop((forever, echo));
+
+    // The daemon is unharmed: a new replica serves calls and streams.
+    daemon.wait_for("the dead replica gone", |r| replicas(r, "echo") == 0);
+    let _again = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("a new replica", |r| replicas(r, "echo") == 1);
+    assert_eq!(echo_call(&channel, b"still here"), b"still here");
+    a_stream_flows(&channel);
+    let report = daemon.status();
+    let counted = mediated(&report);
+    assert_eq!(
+        ended_with(counted, FOREVER, Code::Unavailable),
+        1,
+        "{counted:?}"
+    );
+    assert_eq!(ended_with(counted, ECHO_STREAM, Code::Unavailable), 1);
+    eventually("slabs return", || channel.pool_in_use() == 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_client_killed_mid_stream_cancels_its_streams_upstream() {
+    let _serial = serial();
+    let dir = scratch("client-killed");
+    let config = mediated_config(&dir, "[[engines]]\nkind = \"metrics\"\n");
+    let socket = dir.join("d.sock");
+    let daemon = Daemon::start(&socket, Some(&config));
+    let _replica = spawn_child("replica", &daemon, "echo");
+    daemon.wait_for("the replica", |r| replicas(r, "echo") == 1);
+
+    // The streamer holds a server stream (which it no longer reads, so the
+    // replica waits for credit) and a bidirectional one open.
+    let mut streamer = spawn_child("streamer", &daemon, "echo");
+    let marker = dir.join("d.sock.streaming");
+    eventually("the streamer is streaming", || marker.exists());
+    streamer.kill9();
+
+    // The replica's handlers see their streams cancelled, and so end.
+    let report = daemon.wait_for("both streams cancelled in the replica", |r| {
+        let served = served(r);
+        ended_with(&served, FOREVER, Code::Cancelled) == 1
+            && ended_with(&served, ECHO_STREAM, Code::Cancelled) == 1
+    });
+    let counted = mediated(&report);
+    assert_eq!(
+        ended_with(counted, FOREVER, Code::Cancelled),
+        1,
+        "{counted:?}"
+    );
+    assert_eq!(ended_with(counted, ECHO_STREAM, Code::Cancelled), 1);
+
+    // The daemon is unharmed.
+    let channel = connect(&daemon, "echo");
+    assert_eq!(echo_call(&channel, b"still here"), b"still here");
+    a_stream_flows(&channel);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn echo_call(channel: &shmesh::client::Channel, body: &[u8]) -> Vec<u8> {
+    echo(channel, body).unwrap()
+}

@@ -203,6 +203,23 @@ fn traces_go_on_through_the_daemon_and_its_spans_reach_the_otlp_receiver() {
     assert_eq!(span.span_id, fresh.parent_id);
     assert!(span.parent_span_id.is_empty(), "a new trace has no parent");
 
+    // A stream carries its trace through the daemon the same way.
+    let mut call = channel
+        .server_stream_with(
+            TRACEPARENT_SEEN_STREAM,
+            b"",
+            &metadata,
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+    let answer = call.recv().unwrap().unwrap();
+    let text = std::str::from_utf8(&answer).unwrap();
+    let seen = TraceParent::parse(text).unwrap_or_else(|| panic!("replica saw {text:?}"));
+    assert_eq!(seen.trace_id, incoming.trace_id);
+    assert_ne!(seen.parent_id, incoming.parent_id);
+    drop(answer);
+    assert!(call.recv().unwrap().is_none());
+
     // An invalid traceparent is treated as absent.
     let mut bad = Metadata::new();
     bad.insert("traceparent", "00-nonsense").unwrap();

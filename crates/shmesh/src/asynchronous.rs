@@ -22,7 +22,7 @@ use shmesh_shm::doorbell::EventDoorbell;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::client::call::fill_chunk;
+use crate::client::call::{Kind, fill_chunk};
 use crate::client::{
     Answer, Call, CallState, Channel, ChannelError, ChannelOptions, Inner, LIVENESS_SLICE,
     RequestBody, RequestBuf, Response, lock, take_if_done,
@@ -242,7 +242,13 @@ impl AsyncChannel {
         deadline: Option<Instant>,
     ) -> Result<Response, Status> {
         let mut call = AsyncCall {
-            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            call: Call::start(
+                &self.channel.inner,
+                method,
+                timeout,
+                deadline,
+                Kind::ChunkedUnary,
+            )?,
             channel: self.clone(),
         };
         call.call.set_block(block.to_vec());
@@ -279,7 +285,13 @@ impl AsyncChannel {
     ) -> Result<AsyncCall, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut call = AsyncCall {
-            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            call: Call::start(
+                &self.channel.inner,
+                method,
+                timeout,
+                deadline,
+                Kind::OpenWithMessage,
+            )?,
             channel: self.clone(),
         };
         call.call.set_metadata(metadata)?;
@@ -297,7 +309,13 @@ impl AsyncChannel {
     ) -> Result<AsyncCall, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut call = AsyncCall {
-            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            call: Call::start(
+                &self.channel.inner,
+                method,
+                timeout,
+                deadline,
+                Kind::OpenWithMessage,
+            )?,
             channel: self.clone(),
         };
         call.send_message(request, true, true).await?;
@@ -314,7 +332,13 @@ impl AsyncChannel {
     ) -> Result<AsyncCall, Status> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut call = AsyncCall {
-            call: Call::start(&self.channel.inner, method, timeout, deadline, false)?,
+            call: Call::start(
+                &self.channel.inner,
+                method,
+                timeout,
+                deadline,
+                Kind::OpenWithMessage,
+            )?,
             channel: self.clone(),
         };
         call.send_last_buf(request).await?;

@@ -112,8 +112,10 @@ pub const MAGIC: [u8; 4] = *b"SHMH";
 pub const WIRE_VERSION: u16 = 1;
 /// The connection protocol version this build speaks (see the module docs
 /// for how it differs from [`WIRE_VERSION`]). Version 3 added call
-/// metadata ([`METADATA`](crate::protocol::METADATA)): a version-2 peer
-/// would take the block for message bytes, so the two do not connect.
+/// metadata ([`METADATA`](crate::protocol::METADATA)) and the
+/// [`STREAM`](crate::protocol::STREAM) flag on stream opens: a version-2
+/// peer would take the block for message bytes, and could not tell a
+/// stream from a unary call on a fallback, so the two do not connect.
 pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes in a message header.
 pub const HEADER_LEN: usize = 12;

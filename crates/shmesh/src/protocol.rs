@@ -16,8 +16,9 @@
 //! - **Unary**: one descriptor each way. The request is
 //!   `OPEN | MESSAGE | END`; the response is `MESSAGE | END`. Descriptors
 //!   that carry a message (even an empty one) are flagged [`MESSAGE`].
-//! - **Streams** (server, client, bidirectional): messages travel as their
-//!   own descriptors; the server's `END` carries no message, only the status.
+//! - **Streams** (server, client, bidirectional): the opening descriptor is
+//!   also flagged [`STREAM`]; messages travel as their own descriptors; the
+//!   server's `END` carries no message, only the status.
 //!
 //! # Slabs
 //!
@@ -100,6 +101,19 @@ pub const GIVES_BACK: Flags = Flags(1 << 21);
 /// On an `OPEN` descriptor: the payload starts with the call's encoded
 /// metadata block; the message, if any, follows it.
 pub const METADATA: Flags = Flags(1 << 22);
+
+/// On an opening descriptor (client to server): the call is a stream
+/// (server, client or bidirectional streaming), opened with
+/// [`Channel::open`](crate::client::Channel::open) or
+/// [`Channel::server_stream`](crate::client::Channel::server_stream).
+///
+/// A server that routes by method knows a method's kind from its own
+/// handlers and ignores the flag; one that serves methods it does not know
+/// (a proxy's fallback, the host daemon's mediated path) cannot tell
+/// otherwise: a server-streaming call with a small request is
+/// `OPEN | MESSAGE | END` like a unary one, and a unary call with a request
+/// larger than a slab opens without `END` like a stream.
+pub const STREAM: Flags = Flags(1 << 23);
 
 /// Payload descriptors a sender may have unacknowledged per call and
 /// direction.

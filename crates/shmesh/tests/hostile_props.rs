@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use shmesh::handshake::{Hello, Limits, PROTOCOL_VERSION, ServiceName};
-use shmesh::protocol::{CREDIT, MESSAGE, MORE, OPEN, RETURN};
+use shmesh::protocol::{CREDIT, MESSAGE, MORE, OPEN, RETURN, STREAM};
 use shmesh::server::{BackgroundServer, Router, Server};
 use shmesh::{SchemaHash, client::Channel, client::ChannelOptions};
 use shmesh_shm::descriptor::{Descriptor, Flags};
@@ -65,6 +65,7 @@ fn moves() -> impl Strategy<Value = Vec<Move>> {
         MESSAGE.0,
         MORE.0,
         RETURN.0,
+        STREAM.0,
         CREDIT.0,
         Flags::END.0,
         Flags::CANCEL.0,

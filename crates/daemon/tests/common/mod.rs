@@ -17,8 +17,23 @@ pub const SCHEMA: SchemaHash = SchemaHash([7; 32]);
 pub const ECHO: u32 = 1;
 /// A second method, for per-method rules.
 pub const ECHO_TOO: u32 = 2;
+/// Server streaming: a request of (count u32, size u32) is answered with
+/// `count` messages of `size` bytes (at least 4), message `i` starting with
+/// `i` and filled with `i % 251`.
+pub const COUNT: u32 = 3;
+/// Client streaming: answers the sum of every byte received (u64) and the
+/// number of messages (u64).
+pub const SUM: u32 = 4;
+/// Bidirectional: echoes every message as it comes.
+pub const ECHO_STREAM: u32 = 5;
+/// Server streaming: numbered messages until the stream is cancelled or
+/// cannot go on.
+pub const FOREVER: u32 = 6;
 /// Answers the `traceparent` metadata the replica saw (empty if none).
-pub const TRACEPARENT_SEEN: u32 = 3;
+pub const TRACEPARENT_SEEN: u32 = 7;
+/// Server streaming: one message, the `traceparent` metadata the stream
+/// opened with (empty if none).
+pub const TRACEPARENT_SEEN_STREAM: u32 = 8;
 /// How long any condition may take to come true before the test fails.
 pub const WATCHDOG: Duration = Duration::from_secs(30);
 /// The variable that makes this binary a child process.
@@ -233,6 +248,51 @@ pub fn run_child() {
                 .route(TRACEPARENT_SEEN, |request| {
                     let seen = request.metadata().get("traceparent").unwrap_or_default();
                     Ok(seen.as_bytes().to_vec())
+                })
+                .route_stream(TRACEPARENT_SEEN_STREAM, |call| {
+                    let seen = call.metadata().get("traceparent").unwrap_or_default();
+                    let seen = seen.as_bytes().to_vec();
+                    call.send(&seen)
+                })
+                .route_stream(COUNT, |call| {
+                    let request = call.recv()?.map(|m| m.to_vec()).unwrap_or_default();
+                    let word = |i: usize| {
+                        request
+                            .get(i * 4..i * 4 + 4)
+                            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    };
+                    let (count, size) = (word(0), word(1) as usize);
+                    for i in 0..count {
+                        let mut message = call.loan(size.max(4))?;
+                        message.fill((i % 251) as u8);
+                        message[..4].copy_from_slice(&i.to_le_bytes());
+                        call.send_buf(message)?;
+                    }
+                    Ok(())
+                })
+                .route_stream(SUM, |call| {
+                    let (mut sum, mut count) = (0u64, 0u64);
+                    while let Some(message) = call.recv()? {
+                        sum += message.iter().map(|&b| u64::from(b)).sum::<u64>();
+                        count += 1;
+                    }
+                    let mut answer = sum.to_le_bytes().to_vec();
+                    answer.extend_from_slice(&count.to_le_bytes());
+                    call.send(&answer)
+                })
+                .route_stream(ECHO_STREAM, |call| {
+                    while let Some(message) = call.recv()? {
+                        call.send(&message)?;
+                    }
+                    Ok(())
+                })
+                .route_stream(FOREVER, |call| {
+                    call.recv()?;
+                    let mut i = 0u64;
+                    loop {
+                        call.send(&i.to_le_bytes())?;
+                        i += 1;
+                    }
                 });
             let server = Server::register_with(&socket, &service, SCHEMA, router).unwrap();
             server.serve();
@@ -246,6 +306,26 @@ pub fn run_child() {
                 let body = n.to_le_bytes();
                 assert_eq!(echo(&channel, &body).unwrap(), body);
                 n += 1;
+            }
+        }
+        "streamer" => {
+            // Holds a server stream and a bidirectional one open, reading
+            // nothing more, until killed; says so in a file beside the
+            // daemon's socket.
+            let mut options = ChannelOptions::new(service.as_str(), SCHEMA);
+            options.daemon = Some(socket);
+            let channel = Channel::connect(&format!("shm+svc://{service}"), &options).unwrap();
+            let mut forever = channel.server_stream(FOREVER, b"go", None).unwrap();
+            for _ in 0..3 {
+                forever.recv().unwrap().unwrap();
+            }
+            let mut echo = channel.open(ECHO_STREAM, None).unwrap();
+            echo.send(b"hello").unwrap();
+            assert_eq!(&echo.recv().unwrap().unwrap()[..], b"hello");
+            let socket = std::env::var("SHMESHD_TEST_SOCKET").unwrap();
+            std::fs::write(format!("{socket}.streaming"), b"").unwrap();
+            loop {
+                std::thread::park();
             }
         }
         other => panic!("unknown role {other}"),

@@ -132,6 +132,7 @@ impl Incoming {
                     self.ended = true;
                     // The server would go on sending: stop it.
                     self.inner.abandon(self.call_id);
+                    self.mailbox.lock().peer_ended = true;
                     return Ok(Some(Event::End(Err(Status::resource_exhausted(format!(
                         "response: {e}"
                     ))))));
@@ -188,9 +189,10 @@ impl Drop for Incoming {
 /// and [`Call::recv`] until `None`; for client streaming,
 /// [`Channel::open`](crate::client::Channel::open), [`Call::send`] each
 /// message, then [`Call::finish`] for the response; bidirectional calls mix
-/// both. Sending waits while the server has not granted credit (flow
-/// control), so a fast sender never exhausts the pool. Dropping a call that
-/// has not ended cancels it: the server's handler sees the cancellation.
+/// both, from two threads if need be ([`Call::split`]). Sending waits while
+/// the server has not granted credit (flow control), so a fast sender never
+/// exhausts the pool. Dropping a call that has not ended cancels it: the
+/// server's handler sees the cancellation.
 ///
 /// ```no_run
 /// # use shmesh::client::{Channel, ChannelOptions};
@@ -204,9 +206,21 @@ impl Drop for Incoming {
 /// ```
 pub struct Call {
     incoming: Incoming,
+    outgoing: Outgoing,
+}
+
+/// The sending side of a call: what [`CallSender`] borrows.
+struct Outgoing {
+    inner: Arc<Inner>,
+    call_id: u64,
+    /// The call's mailbox, where credit arrives.
+    mailbox: Arc<Mailbox>,
     method: u32,
     timeout: Option<Duration>,
     deadline: Option<Instant>,
+    /// Whether the opening descriptor says the call is a stream
+    /// ([`protocol::STREAM`]); a unary call sent in chunks is not.
+    stream: bool,
     /// Whether the opening descriptor has gone out.
     opened: bool,
     /// Whether our last message has gone out.
@@ -220,22 +234,33 @@ impl std::fmt::Debug for Call {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Call")
             .field("call_id", &self.incoming.call_id)
-            .field("method", &self.method)
-            .field("send_closed", &self.send_closed)
+            .field("method", &self.outgoing.method)
+            .field("send_closed", &self.outgoing.send_closed)
             .field("ended", &self.incoming.ended)
             .finish()
     }
 }
 
+/// What kind of call [`Call::start`] registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A stream whose opening descriptor goes out at once, without a
+    /// message ([`Channel::open`](crate::client::Channel::open)).
+    OpenNow,
+    /// A stream opened by its first message.
+    OpenWithMessage,
+    /// A unary call whose request goes in chunks.
+    ChunkedUnary,
+}
+
 impl Call {
-    /// Registers a streaming call; with `open_now`, sends its opening
-    /// descriptor (without a message) right away.
+    /// Registers a call of `kind`.
     pub(crate) fn start(
         inner: &Arc<Inner>,
         method: u32,
         timeout: Option<Duration>,
         deadline: Option<Instant>,
-        open_now: bool,
+        kind: Kind,
     ) -> Result<Call, Status> {
         if inner.is_dead() {
             return Err(inner.unavailable());
@@ -252,16 +277,22 @@ impl Call {
             },
         );
         let mut call = Call {
-            incoming: Incoming::new(inner.clone(), call_id, mailbox),
-            method,
-            timeout,
-            deadline,
-            opened: false,
-            send_closed: false,
-            block: Vec::new(),
+            incoming: Incoming::new(inner.clone(), call_id, mailbox.clone()),
+            outgoing: Outgoing {
+                inner: inner.clone(),
+                call_id,
+                mailbox,
+                method,
+                timeout,
+                deadline,
+                stream: kind != Kind::ChunkedUnary,
+                opened: false,
+                send_closed: false,
+                block: Vec::new(),
+            },
         };
-        if open_now {
-            call.open_now()?;
+        if kind == Kind::OpenNow {
+            call.outgoing.open_now()?;
         }
         Ok(call)
     }
@@ -269,7 +300,7 @@ impl Call {
     /// Sets the metadata the call opens with (before it has opened).
     pub(crate) fn set_metadata(&mut self, metadata: &Metadata) -> Result<(), Status> {
         let len = metadata.encoded_len();
-        self.inner().check_block(len)?;
+        self.outgoing.inner.check_block(len)?;
         let mut block = vec![0; len];
         metadata.encode_into(&mut block);
         self.set_block(block);
@@ -278,38 +309,13 @@ impl Call {
 
     /// Sets the encoded metadata block the call opens with.
     pub(crate) fn set_block(&mut self, block: Vec<u8>) {
-        self.block = block;
+        self.outgoing.block = block;
     }
 
     /// Sends the opening descriptor without a message (with the metadata,
     /// if the call has some).
     pub(crate) fn open_now(&mut self) -> Result<(), Status> {
-        self.push_bare(OPEN)?;
-        self.opened = true;
-        Ok(())
-    }
-
-    /// Pushes a descriptor without a message; an opening one carries the
-    /// call's metadata block, alone in a slab the server gives back.
-    fn push_bare(&mut self, flags: Flags) -> Result<(), Status> {
-        let mut d = self.descriptor(flags);
-        if !flags.contains(OPEN) || self.block.is_empty() {
-            return self.push(d);
-        }
-        let inner = self.inner().clone();
-        inner.check_block(self.block.len())?;
-        let mut slab = inner.alloc(self.block.len(), self.deadline)?;
-        slab[..self.block.len()].copy_from_slice(&self.block);
-        d.flags = d.flags | METADATA | Flags::PAYLOAD | RETURN;
-        d.len = self.block.len() as u32;
-        d.payload = slab.send();
-        if let Err(status) = self.push(d) {
-            // Never published: take the slab back.
-            let _ = inner.pool.release_returned(d.payload);
-            return Err(status);
-        }
-        self.block = Vec::new();
-        Ok(())
+        self.outgoing.open_now()
     }
 
     /// Takes over a unary call whose answer comes in chunks.
@@ -320,108 +326,50 @@ impl Call {
         deadline: Option<Instant>,
     ) -> Call {
         Call {
-            incoming: Incoming::new(inner.clone(), call_id, mailbox),
-            method: 0,
-            timeout: None,
-            deadline,
-            opened: true,
-            send_closed: true,
-            block: Vec::new(),
+            incoming: Incoming::new(inner.clone(), call_id, mailbox.clone()),
+            outgoing: Outgoing {
+                inner: inner.clone(),
+                call_id,
+                mailbox,
+                method: 0,
+                timeout: None,
+                deadline,
+                stream: false,
+                opened: true,
+                send_closed: true,
+                block: Vec::new(),
+            },
         }
     }
 
     /// Whether the opening descriptor has gone out.
     pub(crate) fn opened(&self) -> bool {
-        self.opened
-    }
-
-    fn inner(&self) -> &Arc<Inner> {
-        &self.incoming.inner
-    }
-
-    fn descriptor(&self, flags: Flags) -> Descriptor {
-        let mut d = Descriptor {
-            call_id: self.incoming.call_id,
-            method_id: self.method,
-            flags,
-            ..Default::default()
-        };
-        if flags.contains(OPEN) {
-            d.deadline_ns = deadline::to_wire(self.timeout);
-        }
-        d
-    }
-
-    fn push(&self, d: Descriptor) -> Result<(), Status> {
-        let inner = self.inner();
-        inner.push_request(d, self.deadline)?;
-        inner.ring_server();
-        Ok(())
+        self.outgoing.opened
     }
 
     /// Sends one message, copied into shared memory (in chunks if it is
     /// larger than a slab).
     pub fn send(&mut self, message: &[u8]) -> Result<(), Status> {
-        self.send_message(message, !self.opened, false)
+        self.outgoing.send(message)
     }
 
     /// Sends one message written in place into a buffer from
     /// [`Channel::loan`](crate::client::Channel::loan): no copy.
     pub fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
-        self.adopt_metadata(&message)?;
-        match message.body {
-            RequestBody::Slab(slab) => {
-                let flags = self.loaned_flags(&slab, message.head)?;
-                self.take_credit(flags)?;
-                self.push_loaned(slab, message.head + message.len, flags)
-            }
-            RequestBody::Heap(bytes) => self.send(&bytes[message.head..]),
-            RequestBody::Empty => self.send(&[]),
-        }
-    }
-
-    /// Gets a loaned buffer's metadata ready to go: a buffer carrying
-    /// metadata may only open its call (and one that has none of its own);
-    /// a buffer without metadata, on a call whose metadata waits to go,
-    /// follows a bare opening that carries it.
-    pub(crate) fn adopt_metadata(&mut self, message: &RequestBuf) -> Result<(), Status> {
-        if message.head > 0 {
-            if self.opened || !self.block.is_empty() {
-                return Err(Status::invalid_argument(
-                    "a buffer loaned with metadata can only open a call without metadata of its own",
-                ));
-            }
-            if let RequestBody::Heap(bytes) = &message.body {
-                // Sent in chunks: the block goes ahead of the first.
-                self.block = bytes[..message.head].to_vec();
-            }
-            return Ok(());
-        }
-        if !self.opened && !self.block.is_empty() && matches!(message.body, RequestBody::Slab(_)) {
-            self.check_open_for_sending()?;
-            self.open_now()?;
-        }
-        Ok(())
+        self.outgoing.send_buf(message)
     }
 
     /// Sends the last message, written in place into a loaned buffer, and
     /// closes the sending side in the same descriptor: no copy, one
     /// descriptor fewer than [`Call::send_buf`] then [`Call::close_send`].
     pub fn send_last_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
-        self.adopt_metadata(&message)?;
-        match message.body {
-            RequestBody::Slab(slab) => {
-                let flags = self.loaned_flags(&slab, message.head)? | Flags::END;
-                self.take_credit(flags)?;
-                self.push_loaned(slab, message.head + message.len, flags)?;
-                self.send_closed = true;
-                Ok(())
-            }
-            RequestBody::Heap(bytes) => {
-                self.send_message(&bytes[message.head..], !self.opened, true)
-            }
-            RequestBody::Empty => self.send_message(&[], !self.opened, true),
-        }
+        self.outgoing.send_last_buf(message)
+    }
+
+    /// Gets a loaned buffer's metadata ready to go (see
+    /// `Outgoing::adopt_metadata`).
+    pub(crate) fn adopt_metadata(&mut self, message: &RequestBuf) -> Result<(), Status> {
+        self.outgoing.adopt_metadata(message)
     }
 
     /// Checks a loaned buffer (with a metadata block of `head` bytes ahead
@@ -431,20 +379,7 @@ impl Call {
         slab: &shmesh_shm::pool::OwnedSlab,
         head: usize,
     ) -> Result<Flags, Status> {
-        self.check_open_for_sending()?;
-        if !slab.is_from(&self.inner().pool) {
-            return Err(Status::invalid_argument(
-                "message buffer loaned from another channel",
-            ));
-        }
-        let mut flags = MESSAGE | RETURN;
-        if !self.opened {
-            flags = flags | OPEN;
-        }
-        if head > 0 {
-            flags = flags | METADATA;
-        }
-        Ok(flags)
+        self.outgoing.loaned_flags(slab, head)
     }
 
     /// Sends a loaned buffer of `len` bytes (its credit already taken).
@@ -454,28 +389,7 @@ impl Call {
         len: usize,
         flags: Flags,
     ) -> Result<(), Status> {
-        let mut d = self.descriptor(flags | Flags::PAYLOAD);
-        d.len = len as u32;
-        d.payload = slab.send();
-        if let Err(status) = self.push(d) {
-            // Never published: take the slab back.
-            let _ = self.inner().pool.release_returned(d.payload);
-            return Err(status);
-        }
-        self.opened = true;
-        Ok(())
-    }
-
-    fn check_open_for_sending(&self) -> Result<(), Status> {
-        if self.send_closed {
-            return Err(Status::failed_precondition(
-                "the call's sending side is closed",
-            ));
-        }
-        if self.incoming.ended || self.incoming.mailbox.lock().peer_ended {
-            return Err(Status::failed_precondition("the server has ended the call"));
-        }
-        Ok(())
+        self.outgoing.push_loaned(slab, len, flags)
     }
 
     /// Sends `bytes` as one message; `open` puts the opening flag on its
@@ -486,31 +400,13 @@ impl Call {
         open: bool,
         end: bool,
     ) -> Result<(), Status> {
-        let inner = self.inner().clone();
-        let block = self.take_block(open);
-        for (range, flags) in self.plan(block.len(), bytes.len(), open, end)? {
-            self.take_credit(flags)?;
-            let slab = match range.len() {
-                0 => None,
-                n => {
-                    let mut slab = inner.alloc(n, self.deadline)?;
-                    fill_chunk(&mut slab[..n], &block, bytes, range.clone());
-                    Some(slab)
-                }
-            };
-            self.push_chunk(range.len(), flags, slab)?;
-        }
-        Ok(())
+        self.outgoing.send_message(bytes, open, end)
     }
 
     /// The metadata block to send ahead of a message: the call's, if the
     /// message opens the call.
     pub(crate) fn take_block(&mut self, open: bool) -> Vec<u8> {
-        if open {
-            std::mem::take(&mut self.block)
-        } else {
-            Vec::new()
-        }
+        self.outgoing.take_block(open)
     }
 
     /// The chunks a `len`-byte message behind a `head`-byte metadata block
@@ -522,35 +418,14 @@ impl Call {
         len: usize,
         open: bool,
         end: bool,
-    ) -> Result<Vec<(std::ops::Range<usize>, Flags)>, Status> {
-        self.check_open_for_sending()?;
-        let inner = self.inner();
-        inner.check_size(len)?;
-        // The block must sit whole in the first chunk, the opening one.
-        inner.check_block(head)?;
-        let mut first = if open { OPEN } else { Flags(0) };
-        if head > 0 {
-            first = first | METADATA;
-        }
-        let last = if end { Flags::END } else { Flags(0) };
-        Ok(protocol::plan(head + len, inner.max_slab, RETURN, first, last).collect())
+    ) -> Result<impl Iterator<Item = (std::ops::Range<usize>, Flags)> + use<>, Status> {
+        self.outgoing.plan(head, len, open, end)
     }
 
     /// Takes the credit a descriptor with `flags` costs, if the server has
     /// granted it; `false` if the caller must wait for a grant.
     pub(crate) fn try_take_credit(&mut self, flags: Flags) -> Result<bool, Status> {
-        if !protocol::costs_credit(flags) {
-            return Ok(true);
-        }
-        let mut state = self.incoming.mailbox.lock();
-        if state.credit > 0 {
-            state.credit -= 1;
-            return Ok(true);
-        }
-        if state.peer_ended {
-            return Err(Status::failed_precondition("the server has ended the call"));
-        }
-        Ok(false)
+        self.outgoing.try_take_credit(flags)
     }
 
     /// Sends one chunk of `len` bytes written into `slab` (none for an
@@ -561,92 +436,34 @@ impl Call {
         flags: Flags,
         slab: Option<shmesh_shm::pool::OwnedSlab>,
     ) -> Result<(), Status> {
-        let mut d = self.descriptor(flags);
-        if let Some(slab) = slab {
-            d.flags = d.flags | Flags::PAYLOAD;
-            d.len = len as u32;
-            d.payload = slab.send();
-        }
-        if let Err(status) = self.push(d) {
-            if d.flags.contains(Flags::PAYLOAD) {
-                // Never published: the slab is still ours.
-                let _ = self.inner().pool.release_returned(d.payload);
-            }
-            return Err(status);
-        }
-        self.opened = true;
-        if flags.contains(Flags::END) {
-            self.send_closed = true;
-        }
-        Ok(())
-    }
-
-    /// Takes the credit a descriptor with `flags` costs, waiting for the
-    /// server to grant it.
-    fn take_credit(&mut self, flags: Flags) -> Result<(), Status> {
-        let inner = self.inner().clone();
-        while !self.try_take_credit(flags)? {
-            inner.wait_mailbox(
-                self.incoming.call_id,
-                &self.incoming.mailbox,
-                self.deadline,
-                &|s| s.credit > 0 || s.peer_ended,
-            )?;
-        }
-        Ok(())
+        self.outgoing.push_chunk(len, flags, slab)
     }
 
     /// Closes the sending side: the server's handler sees the end of the
     /// client's messages. Further sends fail.
     pub fn close_send(&mut self) -> Result<(), Status> {
-        if self.send_closed {
-            return Ok(());
-        }
-        let mut flags = Flags::END;
-        if !self.opened {
-            flags = flags | OPEN;
-        }
-        self.push_bare(flags)?;
-        self.opened = true;
-        self.send_closed = true;
-        Ok(())
+        self.outgoing.close_send()
     }
 
     /// The next message if one is in: `Some(None)` once the call has ended
     /// successfully, `None` if the caller must wait.
     pub(crate) fn try_recv(&mut self) -> Result<Option<Option<Response>>, Status> {
-        if self.incoming.ended {
-            return Ok(Some(None));
-        }
-        match self.incoming.step()? {
-            Some(Event::Message(m)) => Ok(Some(Some(m))),
-            Some(Event::End(result)) => result.map(|()| Some(None)),
-            None => Ok(None),
-        }
+        self.incoming.try_recv()
     }
 
     /// The call's id and mailbox, for a front-end that waits on it.
     pub(crate) fn waiting_on(&self) -> (u64, &Arc<Mailbox>, Option<Instant>) {
-        (self.incoming.call_id, &self.incoming.mailbox, self.deadline)
+        (
+            self.incoming.call_id,
+            &self.incoming.mailbox,
+            self.outgoing.deadline,
+        )
     }
 
     /// The server's next message, waiting for it; `None` once the server
     /// has ended the call successfully, the call's status if it failed.
     pub fn recv(&mut self) -> Result<Option<Response>, Status> {
-        loop {
-            match self.try_recv()? {
-                Some(m) => return Ok(m),
-                None => {
-                    let inner = self.inner().clone();
-                    inner.wait_mailbox(
-                        self.incoming.call_id,
-                        &self.incoming.mailbox,
-                        self.deadline,
-                        &|s| !s.inbox.is_empty(),
-                    )?;
-                }
-            }
-        }
+        self.incoming.recv(self.outgoing.deadline)
     }
 
     /// Closes the sending side and returns the server's one response (a
@@ -678,6 +495,47 @@ impl Call {
         self.incoming.mailbox.lock().inbox.len()
     }
 
+    /// Parts the call into its receiving and its sending half, so two
+    /// threads can receive and send at once (a bidirectional call that
+    /// reads the server's messages while it writes its own, or a proxy
+    /// pumping both ways).
+    ///
+    /// The halves borrow the call, which still owns its end: dropping it
+    /// before the server ended the call cancels the call, as ever. A half
+    /// may [`cancel`](CallSender::cancel) the call for both: the server's
+    /// handler sees the cancellation, and the receiving half the call's
+    /// end, so a thread blocked on the other half is released.
+    ///
+    /// ```no_run
+    /// # use shmesh::client::{Channel, ChannelOptions};
+    /// # let channel = Channel::connect("shm://@echo", &ChannelOptions::new("echo", shmesh::SchemaHash([0; 32]))).unwrap();
+    /// let mut call = channel.open(3, None).unwrap();
+    /// let (mut incoming, mut outgoing) = call.split();
+    /// std::thread::scope(|s| {
+    ///     s.spawn(move || {
+    ///         for i in 0..100u32 {
+    ///             outgoing.send(&i.to_le_bytes())?;
+    ///         }
+    ///         outgoing.close_send()
+    ///     });
+    ///     while let Some(echo) = incoming.recv().unwrap() {
+    ///         println!("{} bytes", echo.len());
+    ///     }
+    /// });
+    /// ```
+    pub fn split(&mut self) -> (CallReceiver<'_>, CallSender<'_>) {
+        let deadline = self.outgoing.deadline;
+        (
+            CallReceiver {
+                incoming: &mut self.incoming,
+                deadline,
+            },
+            CallSender {
+                outgoing: &mut self.outgoing,
+            },
+        )
+    }
+
     /// Cancels the call: the server's handler sees it, and no more messages
     /// are delivered. Dropping an unfinished call does the same.
     pub fn cancel(self) {}
@@ -687,6 +545,402 @@ impl Drop for Call {
     fn drop(&mut self) {
         if !self.incoming.ended {
             self.incoming.inner.abandon(self.incoming.call_id);
+        }
+    }
+}
+
+/// The receiving half of a [`Call`] ([`Call::split`]).
+pub struct CallReceiver<'a> {
+    incoming: &'a mut Incoming,
+    deadline: Option<Instant>,
+}
+
+impl std::fmt::Debug for CallReceiver<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallReceiver")
+            .field("call_id", &self.incoming.call_id)
+            .field("ended", &self.incoming.ended)
+            .finish()
+    }
+}
+
+impl CallReceiver<'_> {
+    /// The server's next message, waiting for it (see [`Call::recv`]).
+    pub fn recv(&mut self) -> Result<Option<Response>, Status> {
+        self.incoming.recv(self.deadline)
+    }
+
+    /// Tells the server the caller gives up (see [`CallSender::cancel`]).
+    pub fn cancel(&self) {
+        cancel(&self.incoming.inner, self.incoming.call_id);
+    }
+}
+
+/// The sending half of a [`Call`] ([`Call::split`]).
+pub struct CallSender<'a> {
+    outgoing: &'a mut Outgoing,
+}
+
+impl std::fmt::Debug for CallSender<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSender")
+            .field("call_id", &self.outgoing.call_id)
+            .field("send_closed", &self.outgoing.send_closed)
+            .finish()
+    }
+}
+
+impl CallSender<'_> {
+    /// Sends one message, copied into shared memory (see [`Call::send`]).
+    pub fn send(&mut self, message: &[u8]) -> Result<(), Status> {
+        self.outgoing.send(message)
+    }
+
+    /// Sends one message written in place (see [`Call::send_buf`]).
+    pub fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        self.outgoing.send_buf(message)
+    }
+
+    /// Sends the last message and closes the sending side in one
+    /// descriptor (see [`Call::send_last_buf`]).
+    pub fn send_last_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        self.outgoing.send_last_buf(message)
+    }
+
+    /// Closes the sending side (see [`Call::close_send`]).
+    pub fn close_send(&mut self) -> Result<(), Status> {
+        self.outgoing.close_send()
+    }
+
+    /// Tells the server the caller gives up, without giving up the call:
+    /// the server's handler sees the cancellation and ends the call
+    /// (`Cancelled`, unless it ended already), which the receiving half
+    /// then receives as its end. A thread blocked receiving or waiting for
+    /// credit on the other half is released by that end; a server that
+    /// never ends the call holds it until its deadline (or until the
+    /// [`Call`] is dropped).
+    pub fn cancel(&self) {
+        cancel(&self.outgoing.inner, self.outgoing.call_id);
+    }
+}
+
+/// Sends `CANCEL` for `call_id`, keeping the call registered so that the
+/// server's end still reaches whoever waits on it.
+fn cancel(inner: &Inner, call_id: u64) {
+    if !inner.is_dead() {
+        inner.send_control(protocol::cancel(call_id));
+    }
+}
+
+impl Outgoing {
+    fn descriptor(&self, flags: Flags) -> Descriptor {
+        let mut d = Descriptor {
+            call_id: self.call_id,
+            method_id: self.method,
+            flags,
+            ..Default::default()
+        };
+        if flags.contains(OPEN) {
+            d.deadline_ns = deadline::to_wire(self.timeout);
+            if self.stream {
+                d.flags = d.flags | protocol::STREAM;
+            }
+        }
+        d
+    }
+
+    fn push(&self, d: Descriptor) -> Result<(), Status> {
+        self.inner.push_request(d, self.deadline)?;
+        self.inner.ring_server();
+        Ok(())
+    }
+
+    fn open_now(&mut self) -> Result<(), Status> {
+        self.push_bare(OPEN)?;
+        self.opened = true;
+        Ok(())
+    }
+
+    /// Pushes a descriptor without a message; an opening one carries the
+    /// call's metadata block, alone in a slab the server gives back.
+    fn push_bare(&mut self, flags: Flags) -> Result<(), Status> {
+        let mut d = self.descriptor(flags);
+        if !flags.contains(OPEN) || self.block.is_empty() {
+            return self.push(d);
+        }
+        self.inner.check_block(self.block.len())?;
+        let mut slab = self.inner.alloc(self.block.len(), self.deadline)?;
+        slab[..self.block.len()].copy_from_slice(&self.block);
+        d.flags = d.flags | METADATA | Flags::PAYLOAD | RETURN;
+        d.len = self.block.len() as u32;
+        d.payload = slab.send();
+        if let Err(status) = self.push(d) {
+            // Never published: take the slab back.
+            let _ = self.inner.pool.release_returned(d.payload);
+            return Err(status);
+        }
+        self.block = Vec::new();
+        Ok(())
+    }
+
+    /// Gets a loaned buffer's metadata ready to go: a buffer carrying
+    /// metadata may only open its call (and one that has none of its own);
+    /// a buffer without metadata, on a call whose metadata waits to go,
+    /// follows a bare opening that carries it.
+    fn adopt_metadata(&mut self, message: &RequestBuf) -> Result<(), Status> {
+        if message.head > 0 {
+            if self.opened || !self.block.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a buffer loaned with metadata can only open a call without metadata of its own",
+                ));
+            }
+            if let RequestBody::Heap(bytes) = &message.body {
+                // Sent in chunks: the block goes ahead of the first.
+                self.block = bytes[..message.head].to_vec();
+            }
+            return Ok(());
+        }
+        if !self.opened && !self.block.is_empty() && matches!(message.body, RequestBody::Slab(_)) {
+            self.check_open_for_sending()?;
+            self.open_now()?;
+        }
+        Ok(())
+    }
+
+    /// The metadata block to send ahead of a message: the call's, if the
+    /// message opens the call.
+    fn take_block(&mut self, open: bool) -> Vec<u8> {
+        if open {
+            std::mem::take(&mut self.block)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn send(&mut self, message: &[u8]) -> Result<(), Status> {
+        self.send_message(message, !self.opened, false)
+    }
+
+    fn send_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        self.adopt_metadata(&message)?;
+        match message.body {
+            RequestBody::Slab(slab) => {
+                let flags = self.loaned_flags(&slab, message.head)?;
+                self.take_credit(flags)?;
+                self.push_loaned(slab, message.head + message.len, flags)
+            }
+            RequestBody::Heap(bytes) => self.send(&bytes[message.head..]),
+            RequestBody::Empty => self.send(&[]),
+        }
+    }
+
+    fn send_last_buf(&mut self, message: RequestBuf) -> Result<(), Status> {
+        self.adopt_metadata(&message)?;
+        match message.body {
+            RequestBody::Slab(slab) => {
+                let flags = self.loaned_flags(&slab, message.head)? | Flags::END;
+                self.take_credit(flags)?;
+                self.push_loaned(slab, message.head + message.len, flags)?;
+                self.send_closed = true;
+                Ok(())
+            }
+            RequestBody::Heap(bytes) => {
+                self.send_message(&bytes[message.head..], !self.opened, true)
+            }
+            RequestBody::Empty => self.send_message(&[], !self.opened, true),
+        }
+    }
+
+    fn loaned_flags(
+        &self,
+        slab: &shmesh_shm::pool::OwnedSlab,
+        head: usize,
+    ) -> Result<Flags, Status> {
+        self.check_open_for_sending()?;
+        if !slab.is_from(&self.inner.pool) {
+            return Err(Status::invalid_argument(
+                "message buffer loaned from another channel",
+            ));
+        }
+        let mut flags = MESSAGE | RETURN;
+        if !self.opened {
+            flags = flags | OPEN;
+        }
+        if head > 0 {
+            flags = flags | METADATA;
+        }
+        Ok(flags)
+    }
+
+    fn push_loaned(
+        &mut self,
+        slab: shmesh_shm::pool::OwnedSlab,
+        len: usize,
+        flags: Flags,
+    ) -> Result<(), Status> {
+        let mut d = self.descriptor(flags | Flags::PAYLOAD);
+        d.len = len as u32;
+        d.payload = slab.send();
+        if let Err(status) = self.push(d) {
+            // Never published: take the slab back.
+            let _ = self.inner.pool.release_returned(d.payload);
+            return Err(status);
+        }
+        self.opened = true;
+        Ok(())
+    }
+
+    fn check_open_for_sending(&self) -> Result<(), Status> {
+        if self.send_closed {
+            return Err(Status::failed_precondition(
+                "the call's sending side is closed",
+            ));
+        }
+        // The receiving side marks the call ended here too when it ends it
+        // on its own (an oversized answer).
+        if self.mailbox.lock().peer_ended {
+            return Err(Status::failed_precondition("the server has ended the call"));
+        }
+        Ok(())
+    }
+
+    fn send_message(&mut self, bytes: &[u8], open: bool, end: bool) -> Result<(), Status> {
+        let block = self.take_block(open);
+        for (range, flags) in self.plan(block.len(), bytes.len(), open, end)? {
+            self.take_credit(flags)?;
+            let slab = match range.len() {
+                0 => None,
+                n => {
+                    let mut slab = self.inner.alloc(n, self.deadline)?;
+                    fill_chunk(&mut slab[..n], &block, bytes, range.clone());
+                    Some(slab)
+                }
+            };
+            self.push_chunk(range.len(), flags, slab)?;
+        }
+        Ok(())
+    }
+
+    /// Borrows nothing, so that the caller may send while it iterates (and
+    /// allocates nothing per message).
+    fn plan(
+        &self,
+        head: usize,
+        len: usize,
+        open: bool,
+        end: bool,
+    ) -> Result<impl Iterator<Item = (std::ops::Range<usize>, Flags)> + use<>, Status> {
+        self.check_open_for_sending()?;
+        self.inner.check_size(len)?;
+        // The block must sit whole in the first chunk, the opening one.
+        self.inner.check_block(head)?;
+        let mut first = if open { OPEN } else { Flags(0) };
+        if head > 0 {
+            first = first | METADATA;
+        }
+        let last = if end { Flags::END } else { Flags(0) };
+        Ok(protocol::plan(
+            head + len,
+            self.inner.max_slab,
+            RETURN,
+            first,
+            last,
+        ))
+    }
+
+    fn try_take_credit(&mut self, flags: Flags) -> Result<bool, Status> {
+        if !protocol::costs_credit(flags) {
+            return Ok(true);
+        }
+        let mut state = self.mailbox.lock();
+        if state.credit > 0 {
+            state.credit -= 1;
+            return Ok(true);
+        }
+        if state.peer_ended {
+            return Err(Status::failed_precondition("the server has ended the call"));
+        }
+        Ok(false)
+    }
+
+    fn push_chunk(
+        &mut self,
+        len: usize,
+        flags: Flags,
+        slab: Option<shmesh_shm::pool::OwnedSlab>,
+    ) -> Result<(), Status> {
+        let mut d = self.descriptor(flags);
+        if let Some(slab) = slab {
+            d.flags = d.flags | Flags::PAYLOAD;
+            d.len = len as u32;
+            d.payload = slab.send();
+        }
+        if let Err(status) = self.push(d) {
+            if d.flags.contains(Flags::PAYLOAD) {
+                // Never published: the slab is still ours.
+                let _ = self.inner.pool.release_returned(d.payload);
+            }
+            return Err(status);
+        }
+        self.opened = true;
+        if flags.contains(Flags::END) {
+            self.send_closed = true;
+        }
+        Ok(())
+    }
+
+    /// Takes the credit a descriptor with `flags` costs, waiting for the
+    /// server to grant it.
+    fn take_credit(&mut self, flags: Flags) -> Result<(), Status> {
+        let inner = self.inner.clone();
+        while !self.try_take_credit(flags)? {
+            inner.wait_mailbox(self.call_id, &self.mailbox, self.deadline, &|s| {
+                s.credit > 0 || s.peer_ended
+            })?;
+        }
+        Ok(())
+    }
+
+    fn close_send(&mut self) -> Result<(), Status> {
+        if self.send_closed {
+            return Ok(());
+        }
+        let mut flags = Flags::END;
+        if !self.opened {
+            flags = flags | OPEN;
+        }
+        self.push_bare(flags)?;
+        self.opened = true;
+        self.send_closed = true;
+        Ok(())
+    }
+}
+
+impl Incoming {
+    /// The next message if one is in: `Some(None)` once the call has ended
+    /// successfully, `None` if the caller must wait.
+    fn try_recv(&mut self) -> Result<Option<Option<Response>>, Status> {
+        if self.ended {
+            return Ok(Some(None));
+        }
+        match self.step()? {
+            Some(Event::Message(m)) => Ok(Some(Some(m))),
+            Some(Event::End(result)) => result.map(|()| Some(None)),
+            None => Ok(None),
+        }
+    }
+
+    fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<Response>, Status> {
+        loop {
+            match self.try_recv()? {
+                Some(m) => return Ok(m),
+                None => {
+                    let inner = self.inner.clone();
+                    inner.wait_mailbox(self.call_id, &self.mailbox, deadline, &|s| {
+                        !s.inbox.is_empty()
+                    })?;
+                }
+            }
         }
     }
 }

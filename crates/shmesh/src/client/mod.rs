@@ -41,7 +41,7 @@ use crate::status::{Code, Status};
 use crate::{Address, AddressError};
 
 pub use balanced::BalancedChannel;
-pub use call::Call;
+pub use call::{Call, CallReceiver, CallSender};
 pub use reconnecting::{Gap, ReconnectingChannel};
 
 /// How often a waiting caller re-checks liveness and its deadline when
@@ -624,7 +624,7 @@ impl Channel {
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            false,
+            call::Kind::OpenWithMessage,
         )?;
         call.set_metadata(metadata)?;
         call.open_now()?;
@@ -644,7 +644,7 @@ impl Channel {
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            false,
+            call::Kind::OpenWithMessage,
         )?;
         call.set_metadata(metadata)?;
         call.send_message(request, true, true)?;
@@ -673,7 +673,7 @@ impl Channel {
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            false,
+            call::Kind::OpenWithMessage,
         )?;
         call.send_message(request, true, true)?;
         Ok(call)
@@ -692,7 +692,7 @@ impl Channel {
             method,
             timeout,
             timeout.map(|t| Instant::now() + t),
-            false,
+            call::Kind::OpenWithMessage,
         )?;
         call.send_last_buf(request)?;
         Ok(call)
@@ -953,7 +953,7 @@ impl Inner {
     ) -> Result<Response, Status> {
         if let Some((block, bytes)) = request.heap() {
             // Larger than a slab: sent in chunks under flow control.
-            let mut call = Call::start(self, method, timeout, deadline, false)?;
+            let mut call = Call::start(self, method, timeout, deadline, call::Kind::ChunkedUnary)?;
             call.set_block(block.to_vec());
             call.send_message(bytes, true, true)?;
             return call.recv_unary();

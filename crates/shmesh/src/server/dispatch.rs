@@ -407,10 +407,14 @@ impl Dispatcher {
         }
         // Every call from here on is counted as answered when it ends.
         self.recorder.borrow().started_call();
-        let Some(route) = self.router.route_for(d.method_id) else {
+        let stream = d.flags.contains(protocol::STREAM);
+        let Some(route) = self.router.route_for(d.method_id, stream) else {
             self.link.discard(&d)?;
-            let status =
-                Status::unimplemented(format!("method {} is not served here", d.method_id));
+            let kind = if stream { "stream" } else { "unary call" };
+            let status = Status::unimplemented(format!(
+                "method {} is not served here (as a {kind})",
+                d.method_id
+            ));
             return self.fail_now(&d, &status);
         };
         let remaining = deadline::remaining(d.deadline_ns);
@@ -516,7 +520,7 @@ impl Dispatcher {
         let Some(assembly) = self.assembling.remove(&d.call_id) else {
             return Ok(());
         };
-        let Some(route) = self.router.route_for(assembly.first.method_id) else {
+        let Some(route) = self.router.route_for(assembly.first.method_id, false) else {
             return Ok(());
         };
         let first = assembly.first;
@@ -706,7 +710,7 @@ impl Dispatcher {
                 metadata: &metadata,
                 call: Some(&mailbox),
             };
-            let result = match router.route_for(method) {
+            let result = match router.route_for(method, false) {
                 Some(Route::Offloaded(handler)) => handler(&request),
                 _ => Err(Status::internal("offloaded method has no blocking handler")),
             };

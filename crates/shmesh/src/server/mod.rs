@@ -12,7 +12,10 @@
 //!   unary handlers, as tasks on a tokio runtime;
 //! - [`Router::route_stream`] and [`Router::route_stream_async`]: server-,
 //!   client- and bidirectional streaming handlers, on the workers or as
-//!   tasks.
+//!   tasks;
+//! - [`Router::fallback_in_place`] and [`Router::fallback_stream`]: every
+//!   unary call and every stream to a method without a handler of its own
+//!   (a proxy).
 //!
 //! A handler sees the request's bytes in place in shared memory, the
 //! caller's credentials, the time left before the caller's deadline and
@@ -61,7 +64,7 @@ use crate::{Address, AddressError, BindError};
 
 pub use loan::ReplyBuf;
 pub use registration::RegisterError;
-pub use stream::{Message, ServerStream};
+pub use stream::{Message, ServerStream, StreamSender};
 #[cfg(feature = "tokio")]
 pub use task::{AsyncRequest, AsyncServerStream, HandlerFuture, RecvHalf, SendHalf};
 
@@ -222,8 +225,11 @@ impl<'p> Reply<'p> {
 #[derive(Default)]
 pub struct Router {
     handlers: HashMap<u32, Route>,
-    /// The route of every method without one of its own.
+    /// The route of every unary call to a method without one of its own.
     fallback: Option<Route>,
+    /// The route of every stream opened on a method without one of its
+    /// own.
+    stream_fallback: Option<Route>,
 }
 
 impl std::fmt::Debug for Router {
@@ -240,10 +246,11 @@ impl Router {
         Router::default()
     }
 
-    /// Serves every method that has no handler of its own with an in-place
-    /// handler on the connection's thread (a proxy, say; the method is in
-    /// [`Request::method`]). Unary calls only: a stream opened on such a
-    /// method is answered `Unimplemented`.
+    /// Serves every unary call to a method that has no handler of its own
+    /// with an in-place handler on the connection's thread (a proxy, say;
+    /// the method is in [`Request::method`]). Streams opened on such
+    /// methods go to [`Router::fallback_stream`], or are answered
+    /// `Unimplemented` without one.
     pub fn fallback_in_place(
         mut self,
         handler: impl Fn(&Request<'_>, &mut Reply<'_>) -> Result<(), Status> + Send + Sync + 'static,
@@ -252,9 +259,48 @@ impl Router {
         self
     }
 
-    /// The route for `method`: its own, else the fallback.
-    fn route_for(&self, method: u32) -> Option<&Route> {
-        self.handlers.get(&method).or(self.fallback.as_ref())
+    /// Serves every stream (server, client or bidirectional streaming)
+    /// opened on a method that has no handler of its own with a blocking
+    /// handler on the server's worker threads, as [`Router::route_stream`]
+    /// does (a proxy, say; the method is in [`ServerStream::method`]).
+    ///
+    /// The server tells a stream from a unary call by the opening
+    /// descriptor's [`STREAM`](crate::protocol::STREAM) flag, which every
+    /// stream the client library opens carries: it cannot tell them apart
+    /// otherwise without knowing the method. Unary calls to such methods
+    /// go to [`Router::fallback_in_place`], or are answered
+    /// `Unimplemented` without one.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// // Echo every message of every stream, whatever the method.
+    /// let router = Router::new().fallback_stream(|call| {
+    ///     while let Some(message) = call.recv()? {
+    ///         let echo = message.to_vec();
+    ///         call.send(&echo)?;
+    ///     }
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn fallback_stream(
+        mut self,
+        handler: impl Fn(&mut ServerStream) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Self {
+        self.stream_fallback = Some(Route::Stream(Arc::new(handler)));
+        self
+    }
+
+    /// The route for a call to `method`: its own, else the fallback for
+    /// its kind (`stream`: opened as a stream).
+    fn route_for(&self, method: u32, stream: bool) -> Option<&Route> {
+        if let Some(own) = self.handlers.get(&method) {
+            return Some(own);
+        }
+        if stream {
+            self.stream_fallback.as_ref()
+        } else {
+            self.fallback.as_ref()
+        }
     }
 
     /// Serves `method` with `handler` (replacing any earlier handler).

@@ -396,6 +396,120 @@ impl ServerStream {
         end.link
             .send_buf_blocking(&end.mailbox, end.call_id, end.method, message, false)
     }
+
+    /// A handle that sends on this call from another thread while this
+    /// one receives: a bidirectional handler that answers while it reads,
+    /// or a proxy pumping both ways. It can also end the call early
+    /// ([`StreamSender::end`]).
+    ///
+    /// A sender outlives neither the call nor its cancellation: once the
+    /// call has ended its sends fail (`FailedPrecondition`, or `Cancelled`
+    /// if the client cancelled), and nothing it sends follows the call's
+    /// end.
+    ///
+    /// ```
+    /// # use shmesh::server::Router;
+    /// // Send ten messages while counting the bytes that come in.
+    /// let router = Router::new().route_stream(3, |call| {
+    ///     let mut outgoing = call.sender();
+    ///     std::thread::scope(|s| {
+    ///         let sending = s.spawn(move || {
+    ///             for i in 0..10u8 {
+    ///                 outgoing.send(&[i; 64])?;
+    ///             }
+    ///             Ok(())
+    ///         });
+    ///         let mut bytes = 0;
+    ///         while let Some(message) = call.recv()? {
+    ///             bytes += message.len();
+    ///         }
+    ///         let _ = bytes;
+    ///         sending.join().unwrap_or(Ok(()))
+    ///     })
+    /// });
+    /// ```
+    pub fn sender(&self) -> StreamSender {
+        StreamSender {
+            done: self.end.done(),
+        }
+    }
+
+    /// Waits until the client cancels the call or goes away (`true`), or
+    /// until the call ends otherwise (`false`: another thread ended it with
+    /// [`StreamSender::end`]). For a handler with nothing left to receive
+    /// that must still notice a cancellation while another thread works.
+    pub fn wait_cancelled(&self) -> bool {
+        let end = &self.end;
+        loop {
+            {
+                let mut state = end.mailbox.lock();
+                if state.cancelled || end.link.is_dead() {
+                    return true;
+                }
+                if state.finished {
+                    return false;
+                }
+                state.wait_with(Waiter::Thread(std::thread::current()));
+            }
+            // Woken by the change; the timeout is a backstop against a
+            // wake-up lost to a spurious one.
+            std::thread::park_timeout(LIVENESS_SLICE);
+        }
+    }
+}
+
+/// Sends on a streaming call from a thread other than its handler's
+/// ([`ServerStream::sender`]).
+pub struct StreamSender {
+    done: CallDone,
+}
+
+impl std::fmt::Debug for StreamSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSender")
+            .field("call_id", &self.done.call_id)
+            .field("method", &self.done.method)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamSender {
+    /// Sends one message, copied into shared memory (see
+    /// [`ServerStream::send`]).
+    pub fn send(&mut self, message: &[u8]) -> Result<(), Status> {
+        let d = &self.done;
+        d.link
+            .send_blocking(&d.mailbox, d.call_id, d.method, message, false)
+    }
+
+    /// Loans a buffer to write the next message into, in place (see
+    /// [`ServerStream::loan`]).
+    pub fn loan(&self, len: usize) -> Result<ReplyBuf, Status> {
+        self.done.link.loan_blocking(&self.done.mailbox, len)
+    }
+
+    /// Sends a message written in place into a buffer from
+    /// [`StreamSender::loan`] (see [`ServerStream::send_buf`]).
+    pub fn send_buf(&mut self, message: ReplyBuf) -> Result<(), Status> {
+        let d = &self.done;
+        d.link
+            .send_buf_blocking(&d.mailbox, d.call_id, d.method, message, false)
+    }
+
+    /// Whether the client cancelled the call.
+    pub fn is_cancelled(&self) -> bool {
+        self.done.mailbox.is_cancelled()
+    }
+
+    /// Ends the call now with `result`, as the handler returning it would
+    /// (a proxy whose upstream ended the call while its client still
+    /// sends): the client gets the status, the handler's further receives
+    /// and sends fail, and whoever waits on the call is woken. The
+    /// handler's own result is then ignored. Does nothing if the call has
+    /// ended already.
+    pub fn end(self, result: Result<(), Status>) {
+        self.done.finish(result);
+    }
 }
 
 /// Descriptor flags of a message the dispatcher delivers to a mailbox.
