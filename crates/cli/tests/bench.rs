@@ -5,13 +5,14 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const PEERS: [&str; 12] = [
+const PEERS: [&str; 13] = [
     "shmesh-poll",
     "shmesh-adaptive",
     "shmesh-block",
     "shmesh-async-adaptive",
     "shmesh-direct-daemon",
     "shmesh-mediated",
+    "shmesh-mediated-traced",
     "shmesh-rkyv",
     "shmesh-prost",
     "tonic-tcp",

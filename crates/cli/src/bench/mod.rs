@@ -53,6 +53,10 @@ pub enum Peer {
     /// shmesh-mediated while the rate limiter is upgraded live over and
     /// over (`--during-upgrades`; not in the default run).
     ShmeshMediatedUpgrading,
+    /// shmesh-mediated with the tracing engine too: a trace started per
+    /// call, its context forwarded as metadata, a span queued for an OTLP
+    /// endpoint (nothing listens there: batches fail fast).
+    ShmeshMediatedTraced,
     /// shmesh-poll carrying an order book as an rkyv archive, read in place
     /// on both sides (shmesh-rkyv).
     ShmeshRkyv,
@@ -70,7 +74,7 @@ pub enum Peer {
 
 impl Peer {
     /// Every peer, in table order.
-    pub const ALL: [Peer; 13] = [
+    pub const ALL: [Peer; 14] = [
         Peer::ShmeshPoll,
         Peer::ShmeshAdaptive,
         Peer::ShmeshBlock,
@@ -78,6 +82,7 @@ impl Peer {
         Peer::ShmeshDirectDaemon,
         Peer::ShmeshMediated,
         Peer::ShmeshMediatedUpgrading,
+        Peer::ShmeshMediatedTraced,
         Peer::ShmeshRkyv,
         Peer::ShmeshProst,
         Peer::TonicTcp,
@@ -96,6 +101,7 @@ impl Peer {
             Peer::ShmeshDirectDaemon => "shmesh-direct-daemon",
             Peer::ShmeshMediated => "shmesh-mediated",
             Peer::ShmeshMediatedUpgrading => "shmesh-mediated-upgrading",
+            Peer::ShmeshMediatedTraced => "shmesh-mediated-traced",
             Peer::ShmeshRkyv => "shmesh-rkyv",
             Peer::ShmeshProst => "shmesh-prost",
             Peer::TonicTcp => "tonic-tcp",
@@ -168,6 +174,9 @@ pub enum PeerServer {
         /// Serve the echo on the mediated path.
         #[arg(long)]
         mediated: bool,
+        /// With the tracing engine too (implies `--mediated`).
+        #[arg(long)]
+        traced: bool,
     },
     /// A shmesh echo registered with the daemon at SOCKET.
     ShmeshReplica {
@@ -196,9 +205,11 @@ pub enum PeerServer {
 pub fn run_peer(args: &PeerArgs) -> ExitCode {
     let result: Result<()> = match &args.server {
         PeerServer::Shmesh { address } => shmesh_peer::serve(address).map_err(Into::into),
-        PeerServer::ShmeshDaemon { dir, mediated } => {
-            shmesh_peer::serve_daemon(dir, *mediated).map_err(Into::into)
-        }
+        PeerServer::ShmeshDaemon {
+            dir,
+            mediated,
+            traced,
+        } => shmesh_peer::serve_daemon(dir, *mediated || *traced, *traced).map_err(Into::into),
         PeerServer::ShmeshReplica { socket } => {
             shmesh_peer::serve_replica(socket).map_err(Into::into)
         }
@@ -380,6 +391,12 @@ impl Session {
                 WaitMode::Adaptive,
                 false,
                 Route::DaemonMediatedUpgrading,
+                bytes,
+            )?,
+            Peer::ShmeshMediatedTraced => shmesh(
+                WaitMode::Adaptive,
+                false,
+                Route::DaemonMediatedTraced,
                 bytes,
             )?,
             Peer::ShmeshRkyv => shmesh(WaitMode::Poll, false, Route::Socket, Codec::Rkyv)?,

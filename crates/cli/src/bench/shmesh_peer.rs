@@ -118,9 +118,10 @@ pub fn serve(address: &str) -> Result<(), ShmeshPeerError> {
 /// A host daemon listening in `dir` (`__bench-peer shmesh-daemon`): a
 /// process of its own, as in a deployment. On the mediated path it runs
 /// what the issue measures: metrics, access control and a rate limit that
-/// never throttles. Announces its socket, then serves until the benchmark
-/// closes our stdin.
-pub fn serve_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerError> {
+/// never throttles; `traced` adds the tracing engine, exporting to an
+/// endpoint where nothing listens ([`UNREACHABLE_COLLECTOR`]). Announces
+/// its socket, then serves until the benchmark closes our stdin.
+pub fn serve_daemon(dir: &Path, mediated: bool, traced: bool) -> Result<(), ShmeshPeerError> {
     use shmesh_daemon::config::{Config, DataPath, ServiceConfig};
     let socket = dir.join("shmeshd.sock");
     let mut config = Config {
@@ -135,13 +136,18 @@ pub fn serve_daemon(dir: &Path, mediated: bool) -> Result<(), ShmeshPeerError> {
             replica_uid: None,
         });
         let uid = rustix::process::geteuid().as_raw();
+        let tracing = traced
+            .then(|| format!("kind = \"tracing\"\notlp_endpoint = \"{UNREACHABLE_COLLECTOR}\"\n"));
         for spec in [
             "kind = \"metrics\"\n".to_owned(),
             format!(
                 "kind = \"access\"\ndefault = \"deny\"\n[[rules]]\naction = \"allow\"\nuid = {uid}\n"
             ),
             RATE_LIMIT.to_owned(),
-        ] {
+        ]
+        .into_iter()
+        .chain(tracing)
+        {
             let spec = shmesh_daemon::engine::EngineSpec::parse(&spec, "bench engine")
                 .map_err(|e| ShmeshPeerError::Unservable(e.to_string()))?;
             config.engines.push(spec);
@@ -198,7 +204,14 @@ pub enum Route {
     /// On the mediated path while the rate limiter is upgraded over and
     /// over.
     DaemonMediatedUpgrading,
+    /// On the mediated path with the tracing engine too.
+    DaemonMediatedTraced,
 }
+
+/// Where the traced row's spans go: a port nothing listens on, so the
+/// exporter's batches fail at connect and the row measures the engine on
+/// the call path (trace context, span queued), not a collector.
+const UNREACHABLE_COLLECTOR: &str = "http://127.0.0.1:9";
 
 /// The rate limiter the mediated rows run (and the upgrades replace with
 /// itself, carrying the buckets over).
@@ -281,7 +294,10 @@ impl Session {
                 let (server, _) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
                 (server, address)
             }
-            Route::DaemonDirect | Route::DaemonMediated | Route::DaemonMediatedUpgrading => {
+            Route::DaemonDirect
+            | Route::DaemonMediated
+            | Route::DaemonMediatedUpgrading
+            | Route::DaemonMediatedTraced => {
                 let path = std::env::temp_dir()
                     .join(format!("shmesh-bench-{}-{label}", std::process::id()));
                 let mut args = vec![
@@ -290,8 +306,10 @@ impl Session {
                     path.display().to_string(),
                 ];
                 dir = Some(path);
-                if route != Route::DaemonDirect {
-                    args.push("--mediated".into());
+                match route {
+                    Route::DaemonDirect => {}
+                    Route::DaemonMediatedTraced => args.push("--traced".into()),
+                    _ => args.push("--mediated".into()),
                 }
                 let (process, socket) = PeerProcess::spawn(exe, &args, Duration::from_secs(20))?;
                 daemon = Some(process);
@@ -319,7 +337,12 @@ impl Session {
             _ => None,
         };
         let granted = channel.limits();
-        if granted.wait_mode != mode {
+        // The mediated path's waits yield the CPU by the daemon's choice.
+        let expected = match route {
+            Route::Socket | Route::DaemonDirect => mode,
+            _ => shmesh::WaitMode::Yield,
+        };
+        if granted.wait_mode != expected {
             tracing::warn!(asked = ?mode, granted = ?granted.wait_mode, "server granted another wait mode");
         }
         let client = if asynchronous {
