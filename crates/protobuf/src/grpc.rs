@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use shmesh::asynchronous::AsyncChannel;
 use shmesh::client::{ChannelError, ChannelOptions};
+use shmesh::metadata::Metadata;
 use shmesh::status::{Code, Status};
 pub use tonic;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -126,8 +127,45 @@ fn parts<T>(request: tonic::Request<T>) -> Result<(T, CallInfo), Status> {
             Some(timeout)
         }
     };
-    let info = CallInfo::grpc(request.remote_addr(), timeout);
+    let info = CallInfo::grpc(
+        request.remote_addr(),
+        timeout,
+        metadata_of(request.metadata()),
+    );
     Ok((request.into_inner(), info))
+}
+
+/// Headers gRPC and HTTP/2 use themselves, never call metadata.
+const TRANSPORT_HEADERS: [&str; 5] = [
+    "content-type",
+    "te",
+    "user-agent",
+    "accept-encoding",
+    "content-encoding",
+];
+
+/// A gRPC request's headers as shmesh call metadata: the ASCII ones that
+/// are not gRPC's (`grpc-*`) or HTTP's own and that shmesh metadata can
+/// hold (keys `[a-z0-9._-]`, printable values, within its limits); the
+/// rest are left out, never an error (binary `-bin` headers included).
+pub fn metadata_of(headers: &tonic::metadata::MetadataMap) -> Metadata {
+    let mut metadata = Metadata::new();
+    for entry in headers.iter() {
+        let tonic::metadata::KeyAndValueRef::Ascii(key, value) = entry else {
+            continue;
+        };
+        let key = key.as_str();
+        if key.starts_with("grpc-") || TRANSPORT_HEADERS.contains(&key) {
+            continue;
+        }
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        // One metadata cannot hold (a key or value it refuses, one too
+        // many) is left out, as documented.
+        let _ = metadata.insert(key, value);
+    }
+    metadata
 }
 
 /// Runs a handler's future `done` within the call's `deadline`, as shmesh
@@ -224,11 +262,9 @@ where
 
     fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
         one(parts(request).map(|(message, info)| {
+            let deadline = info.deadline();
             let request = Request::with_info(message, info);
-            (
-                info.deadline(),
-                (self.handler)(self.service.clone(), request),
-            )
+            (deadline, (self.handler)(self.service.clone(), request))
         }))
     }
 }
@@ -246,9 +282,10 @@ where
     fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
         streamed(|responses| {
             let (message, info) = parts(request)?;
+            let deadline = info.deadline();
             let request = Request::with_info(message, info);
             let done = (self.handler)(self.service.clone(), request, responses);
-            Ok((info.deadline(), done))
+            Ok((deadline, done))
         })
     }
 }
@@ -264,11 +301,9 @@ where
 
     fn call(&mut self, request: tonic::Request<tonic::Streaming<Req>>) -> Self::Future {
         one(parts(request).map(|(requests, info)| {
+            let deadline = info.deadline();
             let requests = RequestStream::grpc(requests, info);
-            (
-                info.deadline(),
-                (self.handler)(self.service.clone(), requests),
-            )
+            (deadline, (self.handler)(self.service.clone(), requests))
         }))
     }
 }
@@ -286,8 +321,9 @@ where
     fn call(&mut self, request: tonic::Request<tonic::Streaming<Req>>) -> Self::Future {
         streamed(|responses| {
             let (requests, info) = parts(request)?;
+            let deadline = info.deadline();
             let call = BidiStream::grpc(requests, responses, info);
-            Ok((info.deadline(), (self.handler)(self.service.clone(), call)))
+            Ok((deadline, (self.handler)(self.service.clone(), call)))
         })
     }
 }

@@ -43,37 +43,51 @@ use std::time::{Duration, Instant};
 pub use prost;
 pub use shmesh;
 use shmesh::PeerCredentials;
+use shmesh::metadata::Metadata;
 use shmesh::status::Status;
 
-/// What a server knows of a call besides its messages: who made it and
-/// until when it may run. Over shmesh the caller's credentials (from the
-/// kernel) and the deadline that travelled with the call; over gRPC the
-/// client's address and the deadline of its `grpc-timeout` header.
-#[derive(Debug, Clone, Copy, Default)]
+/// What a server knows of a call besides its messages: who made it, until
+/// when it may run, and the metadata it came with. Over shmesh the
+/// caller's credentials (from the kernel), the deadline that travelled
+/// with the call and its metadata; over gRPC the client's address, the
+/// deadline of its `grpc-timeout` header and its other ASCII headers.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct CallInfo {
     peer: Option<PeerCredentials>,
     remote_addr: Option<SocketAddr>,
     deadline: Option<Instant>,
+    metadata: Metadata,
 }
 
 impl CallInfo {
-    /// A shmesh call from `peer` with `remaining` time before its deadline.
-    pub(crate) fn shmesh(peer: PeerCredentials, remaining: Option<Duration>) -> Self {
+    /// A shmesh call from `peer` with `remaining` time before its deadline
+    /// and `metadata`.
+    pub(crate) fn shmesh(
+        peer: PeerCredentials,
+        remaining: Option<Duration>,
+        metadata: &Metadata,
+    ) -> Self {
         CallInfo {
             peer: Some(peer),
             remote_addr: None,
             deadline: remaining.map(|r| Instant::now() + r),
+            metadata: metadata.clone(),
         }
     }
 
     /// A gRPC call from `remote_addr` (when the transport has one) that
-    /// must end within `timeout` of now.
+    /// must end within `timeout` of now, with `metadata` from its headers.
     #[cfg(feature = "tonic")]
-    pub(crate) fn grpc(remote_addr: Option<SocketAddr>, timeout: Option<Duration>) -> Self {
+    pub(crate) fn grpc(
+        remote_addr: Option<SocketAddr>,
+        timeout: Option<Duration>,
+        metadata: Metadata,
+    ) -> Self {
         CallInfo {
             peer: None,
             remote_addr,
             deadline: timeout.map(|t| Instant::now() + t),
+            metadata,
         }
     }
 
@@ -113,7 +127,7 @@ impl<T> Request<T> {
     /// A request carrying `message` from `peer`, with `remaining` time
     /// before its deadline (counted from now).
     pub fn from_parts(message: T, peer: PeerCredentials, remaining: Option<Duration>) -> Self {
-        Request::with_info(message, CallInfo::shmesh(peer, remaining))
+        Request::with_info(message, CallInfo::shmesh(peer, remaining, &Metadata::new()))
     }
 
     /// A request carrying `message` of the call `info` describes.
@@ -152,6 +166,14 @@ impl<T> Request<T> {
     /// has passed). Over gRPC, the deadline of the `grpc-timeout` header.
     pub fn remaining(&self) -> Option<Duration> {
         self.info.remaining()
+    }
+
+    /// The call's metadata (a W3C `traceparent`, say): over shmesh what
+    /// the client sent with the call; over gRPC its ASCII headers that are
+    /// valid shmesh metadata, less gRPC's and HTTP's own
+    /// ([`grpc::metadata_of`](crate::grpc::metadata_of)).
+    pub fn metadata(&self) -> &Metadata {
+        &self.info.metadata
     }
 }
 

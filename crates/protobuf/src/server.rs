@@ -43,7 +43,7 @@ where
 
 /// What a shmesh stream says of its call.
 fn info(call: &AsyncServerStream) -> CallInfo {
-    CallInfo::shmesh(call.peer(), call.remaining())
+    CallInfo::shmesh(call.peer(), call.remaining(), call.metadata())
 }
 
 /// Routes the unary `method` to `handler`, called with `service` and the
@@ -66,7 +66,7 @@ where
         // Decoded before the handler's future starts; the request stays
         // for its connection to lend the response buffer.
         let reply = decode::<Req>(request.payload(), request_type).map(|message| {
-            let info = CallInfo::shmesh(request.peer(), request.remaining());
+            let info = CallInfo::shmesh(request.peer(), request.remaining(), request.metadata());
             handler(service.clone(), Request::with_info(message, info))
         });
         async move {
@@ -301,6 +301,11 @@ impl<T> RequestStream<T> {
     pub fn remaining(&self) -> Option<Duration> {
         self.info.remaining()
     }
+
+    /// The call's metadata (see [`Request::metadata`]).
+    pub fn metadata(&self) -> &shmesh::metadata::Metadata {
+        &self.info.metadata
+    }
 }
 
 impl<T: prost::Message + Default> RequestStream<T> {
@@ -341,6 +346,11 @@ impl<Req, Resp> BidiStream<Req, Resp> {
     /// The client's address over gRPC on TCP (`None` over shmesh).
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         self.requests.remote_addr()
+    }
+
+    /// The call's metadata (see [`Request::metadata`]).
+    pub fn metadata(&self) -> &shmesh::metadata::Metadata {
+        self.requests.metadata()
     }
 
     /// Time left before the caller's deadline, if it set one.

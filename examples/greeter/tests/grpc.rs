@@ -132,3 +132,119 @@ async fn one_implementation_serves_shmesh_and_grpc_at_once() {
     assert_eq!(greeter.calls.load(Ordering::SeqCst), 3);
     grpc_server.abort();
 }
+
+/// Answers with the call's metadata, `key=value` pairs in order.
+struct ShowingMetadata;
+
+fn shown(metadata: &shmesh::metadata::Metadata) -> String {
+    let mut pairs: Vec<String> = metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    pairs.join(" ")
+}
+
+impl Greeter for ShowingMetadata {
+    async fn say_hello(&self, request: Request<HelloRequest>) -> Result<HelloReply, Status> {
+        Ok(HelloReply {
+            message: shown(request.metadata()),
+        })
+    }
+
+    async fn say_hello_many_times(
+        &self,
+        request: Request<HelloRequest>,
+        mut responses: ResponseSink<HelloReply>,
+    ) -> Result<(), Status> {
+        let message = shown(request.metadata());
+        responses.send(&HelloReply { message }).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_the_calls_metadata_over_either_transport() {
+    use prost::Message;
+    use shmesh::metadata::Metadata;
+    use shmesh_example_greeter::helloworld::greeter_schema;
+
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let grpc_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GreeterServer::new(ShowingMetadata).into_grpc())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let address = format!("shm://@shmesh-greeter-metadata-{}", std::process::id());
+    let server = GreeterServer::new(ShowingMetadata).bind(&address).unwrap();
+    let _shmesh_server = BackgroundServer::spawn(server).unwrap();
+
+    // Over shmesh: the call's metadata as sent, unary and streaming.
+    let mut metadata = Metadata::new();
+    metadata.insert("traceparent", TRACE).unwrap();
+    metadata.insert("tenant", "blue").unwrap();
+    let expected = format!("tenant=blue traceparent={TRACE}");
+    let options = greeter_schema::channel_options();
+    let request = HelloRequest {
+        name: "x".into(),
+        times: 1,
+    }
+    .encode_to_vec();
+    let (reply, streamed) = tokio::task::spawn_blocking({
+        let (address, metadata, request) = (address.clone(), metadata.clone(), request.clone());
+        move || {
+            let channel = shmesh::client::Channel::connect(&address, &options).unwrap();
+            let timeout = Some(std::time::Duration::from_secs(10));
+            let reply = channel
+                .call_with(greeter_schema::SAY_HELLO, &request, &metadata, timeout)
+                .unwrap();
+            let reply = HelloReply::decode(&reply[..]).unwrap().message;
+            let mut call = channel
+                .server_stream_with(
+                    greeter_schema::SAY_HELLO_MANY_TIMES,
+                    &request,
+                    &metadata,
+                    timeout,
+                )
+                .unwrap();
+            let streamed = HelloReply::decode(&call.recv().unwrap().unwrap()[..])
+                .unwrap()
+                .message;
+            (reply, streamed)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply, expected);
+    assert_eq!(streamed, expected);
+
+    // Over gRPC: the ASCII headers that can be metadata, without gRPC's
+    // and HTTP's own (content-type, te, user-agent, grpc-timeout) or
+    // binary ones.
+    let mut grpc =
+        stock::greeter_client::GreeterClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+    let with_headers = |times| {
+        let mut request = tonic::Request::new(stock::HelloRequest {
+            name: "x".into(),
+            times,
+        });
+        request.set_timeout(std::time::Duration::from_secs(10));
+        let headers = request.metadata_mut();
+        headers.insert("traceparent", TRACE.parse().unwrap());
+        headers.insert("tenant", "blue".parse().unwrap());
+        headers.insert_bin(
+            "trace-bin",
+            tonic::metadata::MetadataValue::from_bytes(&[0, 1, 2]),
+        );
+        request
+    };
+    let reply = grpc.say_hello(with_headers(0)).await.unwrap().into_inner();
+    assert_eq!(reply.message, expected);
+    let mut stream = grpc
+        .say_hello_many_times(with_headers(1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().message, expected);
+    grpc_server.abort();
+}
