@@ -287,6 +287,7 @@ pub mod {module}_schema {{
     pub struct {ty} {{
         channel: {channel},
         timeout: ::core::option::Option<::core::time::Duration>,
+        metadata: {rt}::shmesh::metadata::Metadata,
     }}
     impl {ty} {{
         /// Connects to the `{name}` server at `address` (`shm:///path` or
@@ -299,12 +300,24 @@ pub mod {module}_schema {{
         /// A client on a connected channel (whose options must be
         /// [`super::{module}_schema::channel_options`]).
         pub fn new(channel: {channel}) -> Self {{
-            Self {{ channel, timeout: ::core::option::Option::None }}
+            Self {{
+                channel,
+                timeout: ::core::option::Option::None,
+                metadata: {rt}::shmesh::metadata::Metadata::new(),
+            }}
         }}
         /// Every call made through the returned client must end within `timeout`.
         #[must_use]
         pub fn with_timeout(mut self, timeout: ::core::time::Duration) -> Self {{
             self.timeout = ::core::option::Option::Some(timeout);
+            self
+        }}
+        /// Every call made through the returned client carries `metadata`
+        /// (over gRPC as request headers): clone the client for per-call
+        /// metadata such as a `traceparent`.
+        #[must_use]
+        pub fn with_metadata(mut self, metadata: {rt}::shmesh::metadata::Metadata) -> Self {{
+            self.metadata = metadata;
             self
         }}
         /// The channel underneath.
@@ -357,7 +370,7 @@ pub mod {module}_schema {{
             emit!(
                 buf,
                 "        pub {asyncs}fn {method}(&self{param}) -> ::core::result::Result<{returns}, {status}> {{
-            {call}{helper}(&self.channel, {id}, {path}{arg}self.timeout, \"{out_name}\"){awaits}
+            {call}{helper}(&self.channel, {id}, {path}{arg}&self.metadata, self.timeout, \"{out_name}\"){awaits}
         }}"
             );
         }

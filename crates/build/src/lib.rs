@@ -35,7 +35,9 @@
 //!   one method per RPC: unary ones return the response, server-streaming
 //!   ones a `Streaming` to read with `message().await`, client-streaming
 //!   ones a `ClientStreaming` to `send` on and `finish`, bidirectional ones
-//!   a `BidiStreaming` to do both;
+//!   a `BidiStreaming` to do both; `with_timeout` and `with_metadata`
+//!   (call metadata such as a `traceparent`) apply to every call of the
+//!   client they return;
 //! - `greeter_blocking_client::GreeterBlockingClient`: the same over the
 //!   blocking `Channel`;
 //! - `greeter_server`: the `Greeter` trait, one method per RPC returning a

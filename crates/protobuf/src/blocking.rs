@@ -7,6 +7,7 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use shmesh::client::{Call, Channel};
+use shmesh::metadata::Metadata;
 use shmesh::status::Status;
 
 use crate::client::encoded;
@@ -19,6 +20,7 @@ pub fn unary<Req, Resp>(
     channel: &Channel,
     method: u32,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<Resp, Status>
@@ -26,9 +28,10 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
-    let response = match encoded(channel.loan(request.encoded_len(), timeout), request)? {
+    let loan = channel.loan_with(request.encoded_len(), metadata, timeout);
+    let response = match encoded(loan, request)? {
         Some(buf) => channel.send(method, buf, timeout)?,
-        None => channel.call(method, &request.encode_to_vec(), timeout)?,
+        None => channel.call_with(method, &request.encode_to_vec(), metadata, timeout)?,
     };
     decode(&response, response_type)
 }
@@ -39,6 +42,7 @@ pub fn server_streaming<Req, Resp>(
     channel: &Channel,
     method: u32,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<Streaming<Resp>, Status>
@@ -46,7 +50,7 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
-    let mut buf = channel.loan(request.encoded_len(), timeout)?;
+    let mut buf = channel.loan_with(request.encoded_len(), metadata, timeout)?;
     crate::encode_into(request, &mut buf)?;
     let call = channel.server_stream_buf(method, buf, timeout)?;
     Ok(Streaming::new(call, response_type))
@@ -57,12 +61,13 @@ where
 pub fn client_streaming<Req, Resp>(
     channel: &Channel,
     method: u32,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<ClientStreaming<Req, Resp>, Status> {
     Ok(ClientStreaming {
         inner: Upstream::Shmesh {
-            sender: Box::new(Sender::new(channel, method, timeout)?),
+            sender: Box::new(Sender::new(channel, method, metadata, timeout)?),
             response_type,
             _grpc: PhantomData,
         },
@@ -74,12 +79,13 @@ pub fn client_streaming<Req, Resp>(
 pub fn bidi_streaming<Req, Resp>(
     channel: &Channel,
     method: u32,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<BidiStreaming<Req, Resp>, Status> {
     Ok(BidiStreaming {
         inner: Upstream::Shmesh {
-            sender: Box::new(Sender::new(channel, method, timeout)?),
+            sender: Box::new(Sender::new(channel, method, metadata, timeout)?),
             response_type,
             _grpc: PhantomData,
         },
@@ -95,10 +101,15 @@ struct Sender<Req> {
 }
 
 impl<Req> Sender<Req> {
-    fn new(channel: &Channel, method: u32, timeout: Option<Duration>) -> Result<Self, Status> {
+    fn new(
+        channel: &Channel,
+        method: u32,
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Self, Status> {
         Ok(Sender {
             channel: channel.clone(),
-            call: channel.open(method, timeout)?,
+            call: channel.open_with(method, metadata, timeout)?,
             timeout,
             _request: PhantomData,
         })

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use shmesh::asynchronous::{AsyncCall, AsyncChannel};
 use shmesh::client::RequestBuf;
+use shmesh::metadata::Metadata;
 use shmesh::status::{Code, Status};
 
 use crate::{decode, encode_into};
@@ -35,6 +36,7 @@ pub async fn unary<Req, Resp>(
     channel: &AsyncChannel,
     method: u32,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<Resp, Status>
@@ -42,7 +44,9 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
-    let mut buf = channel.loan_wait(request.encoded_len(), timeout).await?;
+    let mut buf = channel
+        .loan_wait_with(request.encoded_len(), metadata, timeout)
+        .await?;
     encode_into(request, &mut buf)?;
     let response = channel.send(method, buf, timeout).await?;
     decode(&response, response_type)
@@ -54,6 +58,7 @@ pub async fn server_streaming<Req, Resp>(
     channel: &AsyncChannel,
     method: u32,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<Streaming<Resp>, Status>
@@ -61,7 +66,9 @@ where
     Req: prost::Message,
     Resp: prost::Message + Default,
 {
-    let mut buf = channel.loan_wait(request.encoded_len(), timeout).await?;
+    let mut buf = channel
+        .loan_wait_with(request.encoded_len(), metadata, timeout)
+        .await?;
     encode_into(request, &mut buf)?;
     let call = channel.server_stream_buf(method, buf, timeout).await?;
     Ok(Streaming::new(call, response_type))
@@ -73,12 +80,13 @@ where
 pub fn client_streaming<Req, Resp>(
     channel: &AsyncChannel,
     method: u32,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<ClientStreaming<Req, Resp>, Status> {
     Ok(ClientStreaming {
         inner: Upstream::Shmesh {
-            sender: Box::new(Sender::new(channel, method, timeout)?),
+            sender: Box::new(Sender::new(channel, method, metadata, timeout)?),
             response_type,
             _response: PhantomData,
         },
@@ -90,12 +98,13 @@ pub fn client_streaming<Req, Resp>(
 pub fn bidi_streaming<Req, Resp>(
     channel: &AsyncChannel,
     method: u32,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<BidiStreaming<Req, Resp>, Status> {
     Ok(BidiStreaming {
         sender: Upstream::Shmesh {
-            sender: Box::new(Sender::new(channel, method, timeout)?),
+            sender: Box::new(Sender::new(channel, method, metadata, timeout)?),
             response_type,
             _response: PhantomData,
         },
@@ -112,10 +121,15 @@ struct Sender<Req> {
 }
 
 impl<Req> Sender<Req> {
-    fn new(channel: &AsyncChannel, method: u32, timeout: Option<Duration>) -> Result<Self, Status> {
+    fn new(
+        channel: &AsyncChannel,
+        method: u32,
+        metadata: &Metadata,
+        timeout: Option<Duration>,
+    ) -> Result<Self, Status> {
         Ok(Sender {
             channel: channel.clone(),
-            call: channel.open(method, timeout)?,
+            call: channel.open_with(method, metadata, timeout)?,
             _request: PhantomData,
         })
     }

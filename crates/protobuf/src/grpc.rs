@@ -491,11 +491,26 @@ async fn ready(grpc: &GrpcChannel) -> Result<GrpcChannel, Status> {
     Ok(grpc)
 }
 
-/// A gRPC request carrying `message` and the call's `timeout`.
-fn grpc_request<T>(message: T, timeout: Option<Duration>) -> tonic::Request<T> {
+/// A gRPC request carrying `message`, the call's `timeout` and its
+/// `metadata` as headers (shmesh metadata is always valid ASCII headers;
+/// one that is not is left out rather than failing the call).
+fn grpc_request<T>(
+    message: T,
+    timeout: Option<Duration>,
+    metadata: &Metadata,
+) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(timeout) = timeout {
         request.set_timeout(timeout);
+    }
+    let headers = request.metadata_mut();
+    for (key, value) in metadata.iter() {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::AsciiMetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::AsciiMetadataValue::try_from(value),
+        ) {
+            headers.insert(key, value);
+        }
     }
     request
 }
@@ -523,6 +538,7 @@ pub async fn call_unary<Req, Resp>(
     method: u32,
     path: &'static str,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<Resp, Status>
@@ -532,14 +548,14 @@ where
 {
     match transport {
         Transport::Shmesh(channel) => {
-            crate::client::unary(channel, method, request, timeout, response_type).await
+            crate::client::unary(channel, method, request, metadata, timeout, response_type).await
         }
         Transport::Grpc(grpc) => {
             let deadline = timeout.map(|t| Instant::now() + t);
             ready(grpc)
                 .await?
                 .unary(
-                    grpc_request(request.clone(), timeout),
+                    grpc_request(request.clone(), timeout, metadata),
                     PathAndQuery::from_static(path),
                     ProstCodec::<Req, Resp>::default(),
                 )
@@ -556,6 +572,7 @@ pub async fn call_server_streaming<Req, Resp>(
     method: u32,
     path: &'static str,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<client::Streaming<Resp>, Status>
@@ -565,14 +582,22 @@ where
 {
     match transport {
         Transport::Shmesh(channel) => {
-            crate::client::server_streaming(channel, method, request, timeout, response_type).await
+            crate::client::server_streaming(
+                channel,
+                method,
+                request,
+                metadata,
+                timeout,
+                response_type,
+            )
+            .await
         }
         Transport::Grpc(grpc) => {
             let deadline = timeout.map(|t| Instant::now() + t);
             let stream = ready(grpc)
                 .await?
                 .server_streaming(
-                    grpc_request(request.clone(), timeout),
+                    grpc_request(request.clone(), timeout, metadata),
                     PathAndQuery::from_static(path),
                     ProstCodec::<Req, Resp>::default(),
                 )
@@ -596,6 +621,7 @@ type Upstream<Req, Resp> = (
 fn stream_up<Req, Resp, Fut>(
     grpc: &GrpcChannel,
     timeout: Option<Duration>,
+    metadata: &Metadata,
     call: impl FnOnce(GrpcChannel, tonic::Request<ReceiverStream<Req>>) -> Fut + Send + 'static,
 ) -> Result<Upstream<Req, Resp>, Status>
 where
@@ -607,8 +633,9 @@ where
         .map_err(|_| Status::failed_precondition("a gRPC stream needs a tokio runtime"))?;
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     let (grpc, deadline) = (grpc.clone(), timeout.map(|t| Instant::now() + t));
+    let metadata = metadata.clone();
     let task = runtime.spawn(async move {
-        let request = grpc_request(ReceiverStream::new(rx), timeout);
+        let request = grpc_request(ReceiverStream::new(rx), timeout, &metadata);
         call(ready(&grpc).await?, request)
             .await
             .map_err(failed(deadline))
@@ -622,6 +649,7 @@ pub fn call_client_streaming<Req, Resp>(
     transport: &Transport,
     method: u32,
     path: &'static str,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<client::ClientStreaming<Req, Resp>, Status>
@@ -631,15 +659,20 @@ where
 {
     match transport {
         Transport::Shmesh(channel) => {
-            crate::client::client_streaming(channel, method, timeout, response_type)
+            crate::client::client_streaming(channel, method, metadata, timeout, response_type)
         }
         Transport::Grpc(grpc) => {
-            let (tx, call) = stream_up(grpc, timeout, move |mut grpc, request| async move {
-                let codec = ProstCodec::<Req, Resp>::default();
-                let path = PathAndQuery::from_static(path);
-                let reply = grpc.client_streaming(request, path, codec).await?;
-                Ok(Reply::One(reply.into_inner()))
-            })?;
+            let (tx, call) = stream_up(
+                grpc,
+                timeout,
+                metadata,
+                move |mut grpc, request| async move {
+                    let codec = ProstCodec::<Req, Resp>::default();
+                    let path = PathAndQuery::from_static(path);
+                    let reply = grpc.client_streaming(request, path, codec).await?;
+                    Ok(Reply::One(reply.into_inner()))
+                },
+            )?;
             Ok(client::ClientStreaming::grpc(tx, call))
         }
     }
@@ -651,6 +684,7 @@ pub fn call_bidi_streaming<Req, Resp>(
     transport: &Transport,
     method: u32,
     path: &'static str,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<client::BidiStreaming<Req, Resp>, Status>
@@ -660,15 +694,20 @@ where
 {
     match transport {
         Transport::Shmesh(channel) => {
-            crate::client::bidi_streaming(channel, method, timeout, response_type)
+            crate::client::bidi_streaming(channel, method, metadata, timeout, response_type)
         }
         Transport::Grpc(grpc) => {
-            let (tx, call) = stream_up(grpc, timeout, move |mut grpc, request| async move {
-                let codec = ProstCodec::<Req, Resp>::default();
-                let path = PathAndQuery::from_static(path);
-                let responses = grpc.streaming(request, path, codec).await?;
-                Ok(Reply::Stream(Box::new(responses.into_inner())))
-            })?;
+            let (tx, call) = stream_up(
+                grpc,
+                timeout,
+                metadata,
+                move |mut grpc, request| async move {
+                    let codec = ProstCodec::<Req, Resp>::default();
+                    let path = PathAndQuery::from_static(path);
+                    let responses = grpc.streaming(request, path, codec).await?;
+                    Ok(Reply::Stream(Box::new(responses.into_inner())))
+                },
+            )?;
             Ok(client::BidiStreaming::grpc(tx, call))
         }
     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shmesh::client::{Channel, ChannelOptions};
+use shmesh::metadata::Metadata;
 use shmesh::status::Status;
 
 use crate::blocking;
@@ -71,6 +72,7 @@ pub fn call_unary<Req, Resp>(
     method: u32,
     path: &'static str,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<Resp, Status>
@@ -80,7 +82,7 @@ where
 {
     match transport {
         BlockingTransport::Shmesh(channel) => {
-            blocking::unary(channel, method, request, timeout, response_type)
+            blocking::unary(channel, method, request, metadata, timeout, response_type)
         }
         BlockingTransport::Grpc { channel, runtime } => {
             let grpc = Transport::Grpc(channel.clone());
@@ -89,6 +91,7 @@ where
                 method,
                 path,
                 request,
+                metadata,
                 timeout,
                 response_type,
             ))
@@ -102,6 +105,7 @@ pub fn call_server_streaming<Req, Resp>(
     method: u32,
     path: &'static str,
     request: &Req,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<blocking::Streaming<Resp>, Status>
@@ -111,7 +115,7 @@ where
 {
     match transport {
         BlockingTransport::Shmesh(channel) => {
-            blocking::server_streaming(channel, method, request, timeout, response_type)
+            blocking::server_streaming(channel, method, request, metadata, timeout, response_type)
         }
         BlockingTransport::Grpc { channel, runtime } => {
             let grpc = Transport::Grpc(channel.clone());
@@ -120,6 +124,7 @@ where
                 method,
                 path,
                 request,
+                metadata,
                 timeout,
                 response_type,
             ))?;
@@ -133,6 +138,7 @@ pub fn call_client_streaming<Req, Resp>(
     transport: &BlockingTransport,
     method: u32,
     path: &'static str,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<blocking::ClientStreaming<Req, Resp>, Status>
@@ -142,7 +148,7 @@ where
 {
     match transport {
         BlockingTransport::Shmesh(channel) => {
-            blocking::client_streaming(channel, method, timeout, response_type)
+            blocking::client_streaming(channel, method, metadata, timeout, response_type)
         }
         BlockingTransport::Grpc { channel, runtime } => {
             // The call runs as a task on our runtime.
@@ -151,6 +157,7 @@ where
                 &Transport::Grpc(channel.clone()),
                 method,
                 path,
+                metadata,
                 timeout,
                 response_type,
             )?;
@@ -164,6 +171,7 @@ pub fn call_bidi_streaming<Req, Resp>(
     transport: &BlockingTransport,
     method: u32,
     path: &'static str,
+    metadata: &Metadata,
     timeout: Option<Duration>,
     response_type: &'static str,
 ) -> Result<blocking::BidiStreaming<Req, Resp>, Status>
@@ -173,7 +181,7 @@ where
 {
     match transport {
         BlockingTransport::Shmesh(channel) => {
-            blocking::bidi_streaming(channel, method, timeout, response_type)
+            blocking::bidi_streaming(channel, method, metadata, timeout, response_type)
         }
         BlockingTransport::Grpc { channel, runtime } => {
             let _in = runtime.enter();
@@ -181,6 +189,7 @@ where
                 &Transport::Grpc(channel.clone()),
                 method,
                 path,
+                metadata,
                 timeout,
                 response_type,
             )?;

@@ -246,5 +246,42 @@ async fn handlers_see_the_calls_metadata_over_either_transport() {
         .unwrap()
         .into_inner();
     assert_eq!(stream.message().await.unwrap().unwrap().message, expected);
+
+    // The generated clients send it too, over either transport.
+    let hello = |times| HelloRequest {
+        name: "x".into(),
+        times,
+    };
+    for address in [format!("http://127.0.0.1:{port}"), address.clone()] {
+        let client = GreeterClient::connect(&address)
+            .await
+            .unwrap()
+            .with_metadata(metadata.clone());
+        let reply = client.say_hello(hello(0)).await.unwrap();
+        assert_eq!(reply.message, expected, "{address}");
+        let mut stream = client.say_hello_many_times(hello(1)).await.unwrap();
+        let streamed = stream.message().await.unwrap().unwrap();
+        assert_eq!(streamed.message, expected, "{address}");
+        // Without: nothing (gRPC adds no header the handler sees).
+        let plain = GreeterClient::connect(&address).await.unwrap();
+        assert_eq!(plain.say_hello(hello(0)).await.unwrap().message, "");
+
+        let (address, metadata, expected) = (address.clone(), metadata.clone(), expected.clone());
+        tokio::task::spawn_blocking(move || {
+            use shmesh_example_greeter::helloworld::greeter_blocking_client::GreeterBlockingClient;
+            let client = GreeterBlockingClient::connect(&address)
+                .unwrap()
+                .with_metadata(metadata);
+            assert_eq!(client.say_hello(hello(0)).unwrap().message, expected);
+            let streamed: Vec<String> = client
+                .say_hello_many_times(hello(1))
+                .unwrap()
+                .map(|r| r.unwrap().message)
+                .collect();
+            assert_eq!(streamed, [expected], "{address}");
+        })
+        .await
+        .unwrap();
+    }
     grpc_server.abort();
 }
